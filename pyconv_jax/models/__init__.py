@@ -1,0 +1,16 @@
+"""The model zoo: ResNet, PyConvResNet and PyConvHGResNet, built from one spec table."""
+
+from pyconv_jax.models.registry import create_model, get_spec, list_models
+from pyconv_jax.models.resnet import ResidualBlock, ResNet
+from pyconv_jax.models.specs import MODEL_SPECS, ModelSpec, Published
+
+__all__ = [
+    "MODEL_SPECS",
+    "ModelSpec",
+    "Published",
+    "ResNet",
+    "ResidualBlock",
+    "create_model",
+    "get_spec",
+    "list_models",
+]
