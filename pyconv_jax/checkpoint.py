@@ -1,0 +1,152 @@
+"""Checkpoint directories: one orbax layout for training runs and converted weights.
+
+A checkpoint directory is an orbax ``CheckpointManager`` directory (``<dir>/<step>/...``); every
+step holds up to three items:
+
+- ``model``: ``{"params": ..., "batch_stats": ...}``, the variables a model needs to run;
+- ``train``: the rest of a training state (optimizer state, step, input position); training only;
+- ``meta``: JSON ``{"model": registry name, "model_kwargs": {...}, "format": 1, ...}``, enough to
+  rebuild the model with :func:`pyconv_jax.create_model`.
+
+orbax writes each step under a temporary name and renames it when complete, so a crash during a
+save never leaves a step that :func:`latest_step` would pick.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODEL, TRAIN, META = "model", "train", "meta"
+ITEM_NAMES = (MODEL, TRAIN, META)
+FORMAT_VERSION = 1
+
+
+def jsonable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Model constructor arguments as JSON values (dtypes by name, tuples as lists)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (np.dtype, type)):
+            return jnp.dtype(value).name
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    return {k: convert(v) for k, v in kwargs.items()}
+
+
+def make_meta(model_name: str, model_kwargs: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The ``meta`` item: what :func:`build_model` needs to rebuild the model."""
+    return {"format": FORMAT_VERSION, "model": model_name, "model_kwargs": jsonable_kwargs(model_kwargs), **extra}
+
+
+def open_manager(
+    directory: str,
+    *,
+    max_to_keep: int | None = None,
+    async_save: bool = False,
+    create: bool = True,
+) -> ocp.CheckpointManager:
+    """An orbax ``CheckpointManager`` over ``directory`` with this project's items."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEM_NAMES)
+
+
+def has_checkpoint(directory: str) -> bool:
+    return os.path.isdir(directory) and open_manager(directory, create=False).latest_step() is not None
+
+
+def _require_checkpoint(directory: str) -> ocp.CheckpointManager:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist.")
+    manager = open_manager(directory, create=False)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(
+            f"{directory!r} holds no complete checkpoint; point at a training workdir or a "
+            "directory written by scripts/convert_checkpoint.py."
+        )
+    return manager
+
+
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The ``meta`` item of ``directory``'s latest (or given) step."""
+    manager = _require_checkpoint(directory)
+    step = manager.latest_step() if step is None else step
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"checkpoint {directory!r} step {step} has no model metadata.")
+    return meta
+
+
+def build_model(meta: dict[str, Any]):
+    """Rebuilds the model recorded in ``meta``."""
+    from pyconv_jax.models import create_model
+
+    return create_model(meta["model"], **meta.get("model_kwargs", {}))
+
+
+def abstract_variables(model, image_size: int = 32) -> dict[str, Any]:
+    """Shapes and dtypes of ``model``'s ``params`` and ``batch_stats`` (no compute)."""
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
+    )
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+
+def restore_model_variables(
+    directory: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores ``(meta, {"params", "batch_stats"})`` from a training or converted checkpoint.
+
+    Variables are placed with ``sharding`` (default: replicated on the first local device), so a
+    checkpoint written on any device count loads on any other.
+    """
+    manager = _require_checkpoint(directory)
+    step = manager.latest_step() if step is None else step
+    meta = read_meta(directory, step)
+    model = build_model(meta)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_variables(model)
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)})
+    )
+    return meta, restored[MODEL]
+
+
+def save_model_variables(
+    directory: str, model_name: str, model_kwargs: dict[str, Any], variables: dict[str, Any],
+    step: int = 0, **extra_meta: Any,
+) -> None:
+    """Writes a loadable checkpoint (``model`` + ``meta`` items) of ``variables`` to ``directory``.
+
+    Refuses to write into a directory that already holds checkpoints, so nothing is overwritten.
+    """
+    if has_checkpoint(directory):
+        raise FileExistsError(
+            f"{directory!r} already holds a checkpoint; choose a new output directory."
+        )
+    model_vars = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    manager = open_manager(directory)
+    manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            MODEL: ocp.args.StandardSave(model_vars),
+            META: ocp.args.JsonSave(make_meta(model_name, model_kwargs, **extra_meta)),
+        }),
+    )
+    manager.wait_until_finished()
+    manager.close()
