@@ -1,0 +1,180 @@
+"""PyConv layer: counts from the seed articles, equality with a naive reference, gradients, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pyconv_jax.layers import LOWERINGS, PyConv, block_diagonal_kernel, split_features
+
+
+def n_params(module, in_channels=64, size=8):
+    variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, in_channels)))
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
+
+
+# ---------------------------------------------------------------- numbers from the seed articles
+def test_seed_article_parameter_counts():
+    plain3 = nn.Conv(128, (3, 3), use_bias=False)
+    plain5 = nn.Conv(128, (5, 5), use_bias=False)
+    assert n_params(plain3) == 73_728
+    assert n_params(PyConv(128, (3,))) == 73_728
+    assert n_params(plain5) == 204_800
+    assert n_params(PyConv(128, (5,))) == 204_800
+    # Both kernels at full width (no grouping): 278,528.
+    assert n_params(PyConv((128, 128), (3, 5), (1, 1))) == 278_528
+    assert n_params(PyConv(128, (5,), (2,))) == 102_400
+    # The PyConv of the article: 3x3 (g1, 64 out) + 5x5 (g4, 64 out).
+    assert n_params(PyConv(128, (3, 5), (1, 4))) == 36_864 + 25_600 == 62_464
+
+
+def test_paper_channel_split():
+    assert split_features(256, 4) == (64, 64, 64, 64)
+    assert split_features(256, 3) == (64, 64, 128)
+    assert split_features(256, 2) == (128, 128)
+    assert split_features(256, 1) == (256,)
+    assert PyConv(256, (3, 5, 7), (1, 4, 8)).out_features == 256
+
+
+# ---------------------------------------------------------------- naive reference
+def naive_grouped_conv(x, w, groups, stride, dilation):
+    """Direct loops over groups and kernel taps in float64 numpy. x: NHWC, w: HWIO (grouped)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    k = w.shape[0]
+    pad = dilation * (k - 1) // 2
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    n, h, wd, c = x.shape
+    out_h = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    out_w = (wd + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    cin_g, cout = w.shape[2], w.shape[3]
+    cout_g = cout // groups
+    y = np.zeros((n, out_h, out_w, cout))
+    for g in range(groups):
+        xin = xp[..., g * cin_g:(g + 1) * cin_g]
+        wg = w[..., g * cout_g:(g + 1) * cout_g]
+        for i in range(k):
+            for j in range(k):
+                patch = xin[:, i * dilation: i * dilation + stride * (out_h - 1) + 1: stride,
+                            j * dilation: j * dilation + stride * (out_w - 1) + 1: stride, :]
+                y[..., g * cout_g:(g + 1) * cout_g] += patch @ wg[i, j]
+    return y
+
+
+def naive_pyconv(x, params, specs, stride, dilation):
+    if len(specs) == 1:
+        return naive_grouped_conv(x, params["kernel"], specs[0][1], stride, dilation)
+    outs = [
+        naive_grouped_conv(x, params[f"conv2_{i}"]["kernel"], g, stride, dilation)
+        for i, (_, g, _) in enumerate(specs, start=1)
+    ]
+    return np.concatenate(outs, axis=-1)
+
+
+SPECS = [
+    # (in_channels, features, kernels, groups)
+    (16, 64, (3, 5, 7, 9), (1, 4, 8, 16)),
+    (16, 32, (3, 5, 7), (1, 4, 8)),
+    (8, 16, (3, 5), (1, 4)),
+    (8, 12, (3,), (1,)),
+    (8, (4, 8), (3, 5), (2, 4)),
+    (32, 128, (3, 5, 7, 9), (4, 8, 16, 32)),
+]
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("in_ch,features,kernels,groups", SPECS)
+def test_pyconv_matches_naive_reference(in_ch, features, kernels, groups, stride, lowering):
+    x = jax.random.normal(jax.random.key(1), (2, 11, 9, in_ch))  # odd, non-square
+    layer = PyConv(features, kernels, groups, strides=stride, lowering=lowering)
+    variables = layer.init(jax.random.key(2), x)
+    y = layer.apply(variables, x)
+    expected = naive_pyconv(x, variables["params"], layer.level_specs(), stride, 1)
+    assert y.shape == expected.shape == (2, -(-11 // stride), -(-9 // stride), layer.out_features)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lowering", ["grouped", "dense"])
+def test_dilation_and_bias(lowering):
+    x = jax.random.normal(jax.random.key(3), (1, 13, 13, 8))
+    layer = PyConv(16, (3, 5), (1, 4), dilation=2, use_bias=True, lowering=lowering,
+                   bias_init=nn.initializers.normal(1.0))
+    variables = layer.init(jax.random.key(4), x)
+    y = layer.apply(variables, x)
+    p = variables["params"]
+    expected = naive_pyconv(x, p, layer.level_specs(), 1, 2) + np.concatenate(
+        [p["conv2_1"]["bias"], p["conv2_2"]["bias"]])
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_block_diagonal_kernel_structure():
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 8))  # 4 groups: 8 in, 8 out
+    dense = np.asarray(block_diagonal_kernel(kernel, 4))
+    assert dense.shape == (3, 3, 8, 8)
+    for gi in range(4):
+        for go in range(4):
+            block = dense[:, :, gi * 2:(gi + 1) * 2, go * 2:(go + 1) * 2]
+            if gi == go:
+                np.testing.assert_array_equal(block, np.asarray(kernel)[..., go * 2:(go + 1) * 2])
+            else:
+                assert not block.any()
+
+
+def test_gradients_reach_every_level_and_agree_across_lowerings():
+    x = jax.random.normal(jax.random.key(5), (2, 9, 9, 16))
+    grads = {}
+    for lowering in ("grouped", "dense"):
+        layer = PyConv(64, (3, 5, 7, 9), (1, 4, 8, 16), strides=2, lowering=lowering)
+        variables = layer.init(jax.random.key(6), x)
+        target = jax.random.normal(jax.random.key(7), layer.apply(variables, x).shape)
+
+        def loss(params, x):
+            return jnp.sum(layer.apply({"params": params}, x) * target)
+
+        grads[lowering] = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+    for level in ("conv2_1", "conv2_2", "conv2_3", "conv2_4"):
+        g = np.asarray(grads["grouped"][0][level]["kernel"])
+        assert np.abs(g).min() > 0 or np.count_nonzero(g) > 0.9 * g.size, level
+        np.testing.assert_allclose(np.asarray(grads["dense"][0][level]["kernel"]), g, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads["dense"][1]), np.asarray(grads["grouped"][1]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    x = jax.random.normal(jax.random.key(8), (1, 8, 8, 16))
+    layer = PyConv(32, (3, 5), (1, 4), dtype=jnp.bfloat16)
+    variables = layer.init(jax.random.key(9), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+    y = layer.apply(variables, x)
+    assert y.dtype == jnp.bfloat16
+    y32 = PyConv(32, (3, 5), (1, 4)).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------- errors in the user's terms
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(features=64, kernel_sizes=(3, 5), groups=(1,)), "2 kernel sizes [3, 5] but 1 group counts [1]"),
+        (dict(features=64, kernel_sizes=()), "kernel_sizes is empty"),
+        (dict(features=64, kernel_sizes=(3, 4), groups=(1, 4)), "level 2: kernel size 4 must be a positive odd"),
+        (dict(features=(16, 10), kernel_sizes=(3, 5), groups=(1, 4)),
+         "level 2 (kernel 5x5): 10 output channels are not divisible by 4 groups"),
+        (dict(features=(16,), kernel_sizes=(3, 5), groups=(1, 4)), "but 1 per-level features [16]"),
+        (dict(features=66, kernel_sizes=(3, 5, 7), groups=(1, 1, 1)), "cannot be split evenly over 3 levels"),
+        (dict(features=64, kernel_sizes=(3,) * 5), "defined for 1 to 4 levels"),
+        (dict(features=64, kernel_sizes=(3,), lowering="fast"), "unknown conv lowering 'fast'"),
+    ],
+)
+def test_invalid_specs_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        PyConv(**kwargs)
+    assert message in str(err.value)
+
+
+def test_input_channels_not_divisible_by_groups_fails_at_init():
+    layer = PyConv(32, (3, 5), (1, 4))
+    with pytest.raises(ValueError, match=r"level 2 \(kernel 5x5\): 6 input channels are not divisible by 4 groups"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 8, 8, 6)))
