@@ -66,3 +66,24 @@ def count_macs(model: nn.Module, image_size: int = 224, batch_size: int = 1) -> 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(x.shape), train=False))
     jaxpr = jax.make_jaxpr(lambda v, img: model.apply(v, img, train=False))(variables, x)
     return _jaxpr_macs(jaxpr.jaxpr)
+
+
+def model_table(pattern: str | None = None, image_size: int = 224) -> str:
+    """Markdown table of parameters and MACs of the registered models, with published figures."""
+    from pyconv_jax.models import MODEL_SPECS, create_model, list_models
+
+    rows = [
+        f"| model | parameters | GMACs at {image_size} | published params | published GMACs (224) "
+        "| published top-1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in list_models(pattern):
+        model = create_model(name)
+        published = MODEL_SPECS[name].published
+        top1 = f"{published.top1:.2f}%" if published.top1 else ""
+        rows.append(
+            f"| {name} | {count_params(model, image_size):,} | "
+            f"{count_macs(model, image_size) / 1e9:.3f} | {published.params:,} | "
+            f"{published.gmacs:.3f} | {top1} |"
+        )
+    return "\n".join(rows)
