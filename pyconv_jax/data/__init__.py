@@ -10,6 +10,11 @@ dataset ``digits``, so ``tfds.builder("digits", data_dir=...)`` works.
     batch = next(train)  # {"image": float32 [64, 32, 32, 3], "label": int32 [64]}
 """
 
+import os
+
+# Quieten TensorFlow's C++ logs unless the user chose a level; must precede its first import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from pyconv_jax.data.digits import Digits, prepare_digits
 from pyconv_jax.data.pipeline import (
     DatasetError,
@@ -36,13 +41,13 @@ from pyconv_jax.data.preprocess import (
 
 __all__ = [
     "AUGMENTATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "DatasetError",
     "DatasetInfo",
     "DatasetNotPreparedError",
     "Digits",
     "EvalIterator",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "UnknownDatasetError",
     "create_eval_iterator",
     "create_train_iterator",

@@ -27,7 +27,8 @@ every remote option off, and the input pipeline calls it on first use.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,6 +39,7 @@ NUM_TEST = 360
 NUM_TRAIN = 1437
 NUM_EXAMPLES = NUM_TRAIN + NUM_TEST
 
+_HOMEPAGE = "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
 _CITATION = r"""@misc{alpaydin1998digits,
   author = {Alpaydin, E. and Kaynak, C.},
   title = {Optical Recognition of Handwritten Digits},
@@ -58,7 +60,9 @@ def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def split_indices(labels: np.ndarray, num_test: int = NUM_TEST, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, num_test: int = NUM_TEST, seed: int = SPLIT_SEED
+) -> dict[str, np.ndarray]:
     """Stratified, hash-ordered train/test split of ``labels`` (see the module docstring).
 
     Returns ``{"train": int64 [N - num_test], "test": int64 [num_test]}`` of row indices, each
@@ -86,7 +90,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 8x8 handwritten digits (1,437 train / 360 test), prepared offline."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: stratified 1,437/360 split, images rescaled to 0..255."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release: stratified 1,437/360 split, images rescaled to 0..255."
+    }
     # tfds derives `code_path` through `importlib_resources`, which tfds only declares as a
     # dependency on Python < 3.9; on newer Pythons without it `download_and_prepare` crashes.
     # The class lives in this file, so say so directly.
@@ -105,7 +111,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             supervised_keys=("image", "label"),
-            homepage="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
+            homepage=_HOMEPAGE,
             citation=_CITATION,
         )
 
@@ -113,7 +119,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # nothing to download: the data is inside scikit-learn
         images, labels = _load_arrays()
         splits = split_indices(labels)
-        return {name: self._generate_examples(images, labels, rows) for name, rows in splits.items()}
+        return {
+            name: self._generate_examples(images, labels, rows) for name, rows in splits.items()
+        }
 
     def _generate_examples(
         self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray

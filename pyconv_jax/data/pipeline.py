@@ -61,18 +61,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 import os
-from typing import Any, Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from pyconv_jax.data import digits as _digits  # noqa: E402  (registers the `digits` builder)
-from pyconv_jax.data import preprocess  # noqa: E402
+from pyconv_jax.data import digits as _digits  # importing registers the `digits` builder
+from pyconv_jax.data import preprocess
 
 try:  # TF only feeds the host; it must not grab accelerator memory.
     tf.config.set_visible_devices([], "GPU")
@@ -118,6 +119,14 @@ class DatasetInfo:
     class_names: tuple[str, ...] | None = None
     image_shape: tuple[int | None, ...] = (None, None, 3)
 
+    @property
+    def eval_split(self) -> str | None:
+        """The conventional held-out split: ``"validation"`` if there is one, else ``"test"``."""
+        for name in ("validation", "test"):
+            if name in self.splits:
+                return name
+        return None
+
     def num_examples(self, split: str) -> int:
         """Number of examples in ``split``, which may be a tfds slice such as ``"train[:10%]"``."""
         _, lo, hi = _resolve_split(self, split)
@@ -142,7 +151,11 @@ class _TfdsSource(_Source):
         self.builder = builder
         features = builder.info.features
         keys = builder.info.supervised_keys
-        if isinstance(keys, (tuple, list)) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        if (
+            isinstance(keys, (tuple, list))
+            and len(keys) == 2
+            and all(isinstance(k, str) for k in keys)
+        ):
             self.image_key, self.label_key = keys
         else:
             self.image_key, self.label_key = "image", "label"
@@ -154,8 +167,12 @@ class _TfdsSource(_Source):
         image_feature = features[self.image_key]
         label_feature = features[self.label_key]
         if not isinstance(label_feature, tfds.features.ClassLabel):
-            raise UnknownDatasetError(f"dataset {name!r}: feature {self.label_key!r} is not a ClassLabel")
-        self.skip_decoding = isinstance(image_feature, tfds.features.Image) and image_feature.np_dtype == np.uint8
+            raise UnknownDatasetError(
+                f"dataset {name!r}: feature {self.label_key!r} is not a ClassLabel"
+            )
+        self.skip_decoding = (
+            isinstance(image_feature, tfds.features.Image) and image_feature.np_dtype == np.uint8
+        )
         names = tuple(label_feature.names) if label_feature.names else None
         self.info = DatasetInfo(
             name=name,
@@ -176,7 +193,9 @@ class _TfdsSource(_Source):
             read_config=tfds.ReadConfig(options=options, skip_prefetch=True, try_autocache=False),
         )
         image_key, label_key = self.image_key, self.label_key
-        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)})
+        return ds.map(
+            lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)}
+        )
 
 
 class _FolderSource(_Source):
@@ -193,7 +212,9 @@ class _FolderSource(_Source):
 
     def read(self, split_name: str, lo: int, hi: int) -> tf.data.Dataset:
         paths, labels = self.examples[split_name]
-        ds = tf.data.Dataset.from_tensor_slices((list(paths[lo:hi]), np.asarray(labels[lo:hi], np.int64)))
+        ds = tf.data.Dataset.from_tensor_slices(
+            (list(paths[lo:hi]), np.asarray(labels[lo:hi], np.int64))
+        )
         return ds.map(
             lambda path, label: {"image": tf.io.read_file(path), "label": label},
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -202,7 +223,9 @@ class _FolderSource(_Source):
 
 
 @functools.lru_cache(maxsize=8)
-def _scan_image_folder(root: str) -> tuple[dict[str, tuple[tuple[str, ...], tuple[int, ...]]], tuple[str, ...]]:
+def _scan_image_folder(
+    root: str,
+) -> tuple[dict[str, tuple[tuple[str, ...], tuple[int, ...]]], tuple[str, ...]]:
     """Lists ``root/<split>/<class>/<image>``: ({split: (paths, labels)}, class names).
 
     Class ids index the sorted union of class folder names over all splits (as tfds
@@ -262,7 +285,9 @@ def _open_source(name: str, data_dir: str | None) -> _Source:
         if not root:
             raise _unknown(name)
         return _FolderSource(name, root)
-    if ":" in name.split("/")[0]:  # tfds community namespaces ("huggingface:...") live online
+    # "name[/config][:version]" is local; "namespace:name" (huggingface:..., community datasets)
+    # would be resolved online, so it is refused.
+    if ":" in re.sub(r":[0-9][0-9.*]*$", "", name):
         raise _unknown(name)
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
@@ -303,17 +328,22 @@ def _not_prepared(name: str, builder: tfds.core.DatasetBuilder) -> DatasetNotPre
 def _resolve_split(info: DatasetInfo, split: str) -> tuple[str, int, int]:
     """``"train[10:20]"`` -> ("train", 10, 20) for a single contiguous tfds slice of one split."""
     split_infos = {
-        k: tfds.core.SplitInfo(name=k, shard_lengths=[n], num_bytes=0) for k, n in info.splits.items()
+        k: tfds.core.SplitInfo(name=k, shard_lengths=[n], num_bytes=0)
+        for k, n in info.splits.items()
     }
     try:
         parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(split_infos)
     except (ValueError, AssertionError, KeyError) as e:
+        detail = " ".join(str(e).split())
         raise DatasetError(
-            f"dataset {info.name!r} has no split {split!r} (splits: {sorted(info.splits)}): "
-            f"{' '.join(str(e).split())}"
+            f"dataset {info.name!r} has no split {split!r} (splits: {sorted(info.splits)}"
+            + ("" if detail.startswith("Unknown split") else f"; {detail}")
+            + ")"
         ) from None
     if len(parts) != 1:
-        raise DatasetError(f"split {split!r} of {info.name!r} must be one contiguous slice of one split")
+        raise DatasetError(
+            f"split {split!r} of {info.name!r} must be one contiguous slice of one split"
+        )
     part = parts[0]  # tfds writes None for "from the start" / "to the end"
     lo = 0 if part.from_ is None else int(part.from_)
     hi = info.splits[part.splitname] if part.to is None else int(part.to)
@@ -438,7 +468,9 @@ def make_train_dataset(
 
     def augment_example(position, example):
         key = _key(seed, _AUGMENT, process_index, position)
-        image = preprocess.preprocess_train(example["image"], key, image_size=image_size, augment=augment)
+        image = preprocess.preprocess_train(
+            example["image"], key, image_size=image_size, augment=augment
+        )
         return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
     ds = examples.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -510,7 +542,7 @@ def num_eval_batches(num_examples: int, local_batch_size: int, process_count: in
 def make_eval_dataset(
     name: str,
     *,
-    split: str = "test",
+    split: str,
     data_dir: str | None = None,
     image_size: int = 224,
     local_batch_size: int,
@@ -530,8 +562,14 @@ def make_eval_dataset(
     num_batches = num_eval_batches(hi - lo, local_batch_size, process_count)
 
     def prepare(example):
-        image = preprocess.preprocess_eval(example["image"], image_size=image_size, resize_size=resize_size)
-        return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(True)}
+        image = preprocess.preprocess_eval(
+            example["image"], image_size=image_size, resize_size=resize_size
+        )
+        return {
+            "image": image,
+            "label": tf.cast(example["label"], tf.int32),
+            "mask": tf.constant(True),
+        }
 
     padding = tf.data.Dataset.from_tensors(
         {
@@ -552,7 +590,7 @@ def make_eval_dataset(
 
 
 class EvalIterator:
-    """One pass of evaluation batches; ``len()`` is the number of batches (same on every process)."""
+    """One pass of evaluation batches; ``len()`` is the batch count (equal on every process)."""
 
     def __init__(self, ds: tf.data.Dataset, num_batches: int):
         self.num_batches = num_batches
@@ -561,7 +599,7 @@ class EvalIterator:
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> "EvalIterator":
+    def __iter__(self) -> EvalIterator:
         return self
 
     def __next__(self) -> Batch:
@@ -571,7 +609,7 @@ class EvalIterator:
 def create_eval_iterator(
     name: str,
     *,
-    split: str = "test",
+    split: str,
     data_dir: str | None = None,
     image_size: int = 224,
     local_batch_size: int,

@@ -31,7 +31,7 @@ position in the stream (see :mod:`pyconv_jax.data.pipeline`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -149,7 +149,9 @@ def random_resized_crop(
     return resized
 
 
-def preprocess_train(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, augment: str) -> tf.Tensor:
+def preprocess_train(
+    image: tf.Tensor, seed: tf.Tensor, *, image_size: int, augment: str
+) -> tf.Tensor:
     """One training example -> normalised float32 [image_size, image_size, 3].
 
     ``augment``: ``"inception_crop"`` (random-resized crop + flip), ``"resize_flip"`` (shorter side
@@ -178,4 +180,4 @@ def preprocess_eval(image: tf.Tensor, *, image_size: int, resize_size: int) -> t
 
 def default_resize_size(image_size: int) -> int:
     """The usual eval resize for a crop: 256 for 224 (crop fraction 0.875)."""
-    return int(math.floor(image_size / 0.875 + 0.5))
+    return math.floor(image_size / 0.875 + 0.5)

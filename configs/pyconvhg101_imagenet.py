@@ -1,0 +1,12 @@
+r"""PyConvHGResNet-101 on ImageNet with the paper's default recipe (see configs/default.py).
+
+    python scripts/train.py --config configs/pyconvhg101_imagenet.py --workdir runs/pyconvhg101
+"""
+
+from pyconv_jax.train.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "pyconvhgresnet101"
+    return config
