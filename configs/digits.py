@@ -16,13 +16,13 @@ def get_config():
     config.dataset = "digits"
     config.train_split = "train"
     config.eval_split = "test"
-    config.image_size = 32
-    config.eval_resize = 32
+    config.image_size = 16
+    config.eval_resize = 16
     config.augment = "none"
     config.shuffle_buffer = 2048
     config.batch_size = 64
     config.eval_batch_size = 128
-    config.num_epochs = 12.0
+    config.num_epochs = 15.0
     config.learning_rate = 0.1
     config.lr_batch_size = 64
     config.weight_decay = 5e-4

@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     # --config.model_kwargs.pyconv_kernels="((3,5),(3,5),(3,),(3,))"
     config.model_kwargs.pyconv_kernels = config_dict.placeholder(tuple)
     config.model_kwargs.pyconv_groups = config_dict.placeholder(tuple)
+    config.model_kwargs.stage_widths = config_dict.placeholder(tuple)  # None: the published widths
 
     # Data (tensorflow-datasets name, "digits", or "imagefolder:/path").
     config.dataset = "imagenet2012"
@@ -38,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval_resize = 256  # shorter side before the center crop
     config.augment = "inception_crop"  # "inception_crop" | "resize_flip" | "none"
     config.shuffle_buffer = 16_384
+    # Input shards (0: one per process). A single process with input_shards=P reads exactly the
+    # global batches a P-process run reads, e.g. to reproduce a multi-host run on one machine.
+    config.input_shards = 0
 
     # Batches are global: split over every device of every process.
     config.batch_size = 256
@@ -112,6 +116,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.eval_resize={config.eval_resize} is smaller than config.image_size="
             f"{config.image_size}; the center crop needs eval_resize >= image_size."
         )
+    if config.input_shards < 0:
+        raise ValueError(f"config.input_shards must be >= 0, got {config.input_shards}.")
     if config.freeze_backbone and not config.init_from:
         raise ValueError("config.freeze_backbone needs config.init_from (a checkpoint to start from).")
 

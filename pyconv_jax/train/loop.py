@@ -89,6 +89,33 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict]:
+    """This process's part of each global training batch, resumable at ``start_step``.
+
+    The data is cut into ``config.input_shards`` shards (default: one per process); each process
+    reads its shards and concatenates them, so the global batch depends only on the shard count.
+    """
+    shards = config.input_shards or jax.process_count()
+    if shards % jax.process_count() or config.batch_size % shards:
+        raise ValueError(
+            f"config.input_shards={shards} must be a multiple of the {jax.process_count()} "
+            f"processes and divide config.batch_size={config.batch_size}.")
+    per_process = shards // jax.process_count()
+    iterators = [
+        data.create_train_iterator(
+            config.dataset, split=config.train_split, data_dir=config.data_dir,
+            image_size=config.image_size, local_batch_size=config.batch_size // shards,
+            seed=config.seed, process_index=jax.process_index() * per_process + j,
+            process_count=shards, augment=config.augment, start_step=start_step,
+            shuffle_buffer=config.shuffle_buffer)
+        for j in range(per_process)
+    ]
+    if len(iterators) == 1:
+        return iterators[0]
+    return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            for parts in zip(*iterators))
+
+
 def _split_state(state: steps.TrainState) -> dict[str, Any]:
     return {
         ckpt.MODEL: {"params": state.params, "batch_stats": state.batch_stats},
@@ -262,12 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         out_shardings=replicated)
 
     writer = MetricsWriter(workdir)
-    train_iter = data.create_train_iterator(
-        config.dataset, split=config.train_split, data_dir=config.data_dir,
-        image_size=config.image_size, local_batch_size=config.batch_size // jax.process_count(),
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), augment=config.augment, start_step=start_step,
-        shuffle_buffer=config.shuffle_buffer)
+    train_iter = train_batches(config, start_step)
     batches = prefetch_to_device(train_iter, batch_sharding)
     progress = Progress(total_steps, config.batch_size, start_step)
     log.info("training %s on %s: %d steps (%d per epoch), %d devices, %d processes, from step %d",
@@ -309,9 +331,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop.requested:
                 log.warning("stopped at step %d after a signal; the next start resumes here", step)
                 break
+    if not eval_metrics and step >= total_steps:  # resumed a finished run: report it again
+        eval_metrics = evaluate(state, eval_step, config, batch_sharding)
     manager.wait_until_finished()
     manager.close()
     writer.close()
     if skipped:
         log.warning("skipped %d updates with non-finite loss or gradients", skipped)
+    if eval_metrics and jax.process_index() == 0:
+        print(f"final ({config.eval_split} split, {int(eval_metrics['eval_examples'])} examples, "
+              f"step {step}): top-1 {100 * eval_metrics['eval_top1']:.2f}%  "
+              f"top-5 {100 * eval_metrics['eval_top5']:.2f}%  loss {eval_metrics['eval_loss']:.4f}"
+              f"  [{workdir}]", flush=True)
     return eval_metrics
