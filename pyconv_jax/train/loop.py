@@ -189,12 +189,17 @@ def merge_pretrained(params: Any, batch_stats: Any, init_from: str) -> tuple[Any
     return merged["params"], merged["batch_stats"], reinitialised
 
 
-def evaluate(state, eval_step_fn, config, sharding: NamedSharding) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every example of the eval split (padding masked out)."""
+def evaluate(
+    state, eval_step_fn, sharding: NamedSharding, *, dataset: str, split: str,
+    data_dir: str | None, image_size: int, resize_size: int, batch_size: int,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 over every example of ``split`` (padding masked out).
+
+    ``batch_size`` is global; each process reads and evaluates its own share.
+    """
     iterator = data.create_eval_iterator(
-        config.dataset, split=config.eval_split, data_dir=config.data_dir,
-        image_size=config.image_size, resize_size=config.eval_resize,
-        local_batch_size=config.eval_batch_size // jax.process_count(),
+        dataset, split=split, data_dir=data_dir, image_size=image_size, resize_size=resize_size,
+        local_batch_size=batch_size // jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     totals = None
@@ -288,6 +293,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step = jax.jit(steps.eval_step, in_shardings=(replicated, batch_sharding),
                         out_shardings=replicated)
 
+    def run_eval(state):
+        return evaluate(
+            state, eval_step, batch_sharding, dataset=config.dataset, split=config.eval_split,
+            data_dir=config.data_dir, image_size=config.image_size,
+            resize_size=config.eval_resize, batch_size=config.eval_batch_size)
+
     writer = MetricsWriter(workdir)
     train_iter = train_batches(config, start_step)
     batches = prefetch_to_device(train_iter, batch_sharding)
@@ -319,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     print(progress.line(step, scalars), flush=True)
                 pending = []
             if step % eval_every == 0 or is_last:
-                eval_metrics = evaluate(state, eval_step, config, batch_sharding)
+                eval_metrics = run_eval(state)
                 writer.write(step, eval_metrics)
                 if jax.process_index() == 0:
                     print(f"step {step}: " + "  ".join(
@@ -332,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 log.warning("stopped at step %d after a signal; the next start resumes here", step)
                 break
     if not eval_metrics and step >= total_steps:  # resumed a finished run: report it again
-        eval_metrics = evaluate(state, eval_step, config, batch_sharding)
+        eval_metrics = run_eval(state)
     manager.wait_until_finished()
     manager.close()
     writer.close()
