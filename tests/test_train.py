@@ -184,3 +184,44 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert "config.batch_size=18 is not divisible by the 4 devices; use a multiple of 4." in out
+
+
+def test_evaluate_checkpoint_reproduces_the_training_eval(tiny_run):
+    from pyconv_jax.evaluation import evaluate_checkpoint
+
+    workdir, metrics, _ = tiny_run
+    again = evaluate_checkpoint(workdir, dataset="digits", split="test", resize=16, crop=16,
+                                batch_size=100)
+    assert again["eval_examples"] == 360
+    assert again["eval_top1"] == pytest.approx(metrics["eval_top1"], abs=1e-6)
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="predicts 10 classes but"):
+        evaluate_checkpoint(workdir, dataset="imagefolder:" + make_image_folder(workdir, 3),
+                            split="train", resize=16, crop=16)
+
+
+def make_image_folder(root, num_classes):
+    from PIL import Image
+
+    folder = os.path.join(root, "folder")
+    for c in range(num_classes):
+        os.makedirs(os.path.join(folder, "train", f"c{c}"), exist_ok=True)
+        Image.new("RGB", (20, 20), (40 * c, 0, 0)).save(os.path.join(folder, "train", f"c{c}", "a.png"))
+    return folder
+
+
+def test_predict_prints_class_names(tiny_run, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pyconv_jax.evaluation import predict_files
+
+    path = str(tmp_path / "digit.png")
+    Image.fromarray((load_digits().images[0] * 15).astype("uint8")).save(path)
+    (top,) = predict_files(tiny_run[0], [path], resize=16, crop=16)
+    assert len(top) == 5 and {name for name, _ in top} <= {str(i) for i in range(10)}
+    assert 0.999 >= top[0][1] >= top[-1][1] > 0
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="cannot read .* as an image"):
+        predict_files(tiny_run[0], [str(bad)], resize=16, crop=16)
