@@ -225,3 +225,29 @@ def test_predict_prints_class_names(tiny_run, tmp_path):
     bad.write_text("hello")
     with pytest.raises(ValueError, match="cannot read .* as an image"):
         predict_files(tiny_run[0], [str(bad)], resize=16, crop=16)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    workdir = str(tmp_path / "w")
+    proc = run_script(workdir, "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+                      "--config.eval_every_steps=1000")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 400
+    while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    steps_saved = ckpt.open_manager(os.path.join(workdir, "checkpoints"), create=False).all_steps()
+    assert len(steps_saved) == 1 and 4 <= steps_saved[0] < 400  # the step it was at, not 1000
+    logged = [json.loads(line)["step"] for line in open(metrics)]
+    assert max(logged) == steps_saved[0]  # the last partial window is logged at the stop
+    # The next start continues from the saved step.
+    proc = run_script(workdir, f"--config.num_train_steps={steps_saved[0] + 2}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"from step {steps_saved[0]}" in out
