@@ -1,5 +1,18 @@
-"""Convolution layers: the pyramidal convolution and its lowerings."""
+"""Convolution layers: the pyramidal convolution, its lowerings, and the seed articles' designs."""
 
+from pyconv_jax.layers.designs import (
+    CONV_DESIGNS,
+    Bottleneck1x1,
+    ConvDesign,
+    DepthwiseSeparableConv,
+    GroupedConv,
+    PlainConv,
+    PyConvDesign,
+    SpatiallySeparableConv,
+    StackedConv,
+    count_conv_design,
+    get_conv_design,
+)
 from pyconv_jax.layers.lowering import LOWERINGS, block_diagonal_kernel, choose_lowering, grouped_conv
 from pyconv_jax.layers.pyconv import (
     ConvLevel,
@@ -10,6 +23,17 @@ from pyconv_jax.layers.pyconv import (
 )
 
 __all__ = [
+    "CONV_DESIGNS",
+    "Bottleneck1x1",
+    "ConvDesign",
+    "DepthwiseSeparableConv",
+    "GroupedConv",
+    "PlainConv",
+    "PyConvDesign",
+    "SpatiallySeparableConv",
+    "StackedConv",
+    "count_conv_design",
+    "get_conv_design",
     "LOWERINGS",
     "ConvLevel",
     "PyConv",

@@ -2,6 +2,7 @@
 
 from pyconv_jax.models.registry import create_model, get_spec, list_models
 from pyconv_jax.models.resnet import ResidualBlock, ResNet
+from pyconv_jax.models.small_convnet import SmallConvNet
 from pyconv_jax.models.specs import MODEL_SPECS, ModelSpec, Published
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Published",
     "ResNet",
     "ResidualBlock",
+    "SmallConvNet",
     "create_model",
     "get_spec",
     "list_models",
