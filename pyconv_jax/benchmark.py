@@ -1,0 +1,150 @@
+"""Throughput, compile time and memory of train and inference steps, optionally beside PyTorch.
+
+Every figure is measured in the same process, side by side, so ratios are meaningful even on a
+noisy machine: each measurement is the mean of ``repeats`` timed calls after ``warmup`` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pyconv_jax.models import create_model
+from pyconv_jax.train import steps
+
+
+@dataclasses.dataclass
+class Result:
+    model: str
+    framework: str
+    mode: str  # "train" | "inference"
+    lowering: str
+    batch_size: int
+    image_size: int
+    dtype: str
+    seconds_per_step: float
+    images_per_second: float
+    compile_seconds: float | None = None
+    peak_bytes: int | None = None  # XLA's compiled temp + argument + output sizes
+
+    def row(self) -> str:
+        compile_s = f"{self.compile_seconds:.1f}" if self.compile_seconds is not None else ""
+        mem = f"{self.peak_bytes / 2**20:.0f}" if self.peak_bytes else ""
+        return (f"| {self.model} | {self.framework} | {self.mode} | {self.lowering} | "
+                f"{self.batch_size} | {self.image_size} | {self.dtype} | "
+                f"{self.seconds_per_step * 1000:.0f} | {self.images_per_second:.1f} | {compile_s} | {mem} |")
+
+
+HEADER = ("| model | framework | mode | lowering | batch | size | dtype | ms/step | img/s | "
+          "compile s | memory MiB |\n|---|---|---|---|---:|---:|---|---:|---:|---:|---:|")
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - start) / repeats
+
+
+def _memory(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
+                  lowering: str = "auto", remat: bool = False, warmup: int = 2,
+                  repeats: int = 3) -> list[Result]:
+    """Train-step (SGD momentum) and inference timings of a registered model in JAX."""
+    model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch_size, image_size, image_size, 3)),
+                    jnp.float32)
+    y = jnp.zeros((batch_size,), jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"],
+                                    tx=optax.sgd(0.1, momentum=0.9))
+    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
+    label = lowering + ("+remat" if remat else "")
+    results = []
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"image": x, "label": y}).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def one_train_step():
+        holder["state"], metrics = compiled(holder["state"], {"image": x, "label": y})
+        return metrics["loss"]
+
+    sec = _time(one_train_step, warmup, repeats)
+    results.append(Result(name, "jax", "train", label, batch_size, image_size, dtype, sec,
+                          batch_size / sec, compile_s, _memory(compiled)))
+
+    variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
+    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    t0 = time.perf_counter()
+    compiled_inf = infer.lower(variables, x).compile()
+    compile_s = time.perf_counter() - t0
+    sec = _time(lambda: compiled_inf(variables, x), warmup, repeats)
+    results.append(Result(name, "jax", "inference", label, batch_size, image_size, dtype, sec,
+                          batch_size / sec, compile_s, _memory(compiled_inf)))
+    return results
+
+
+def benchmark_torch(name: str, *, batch_size: int, image_size: int, warmup: int = 2,
+                    repeats: int = 3) -> list[Result]:
+    """The same architecture in PyTorch (the tests' reference model), channels_last, float32."""
+    import torch
+
+    from tests.torch_reference import build_torch_model
+
+    model = build_torch_model(name).to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
+    y = torch.zeros(batch_size, dtype=torch.long)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return None
+
+    model.train()
+    sec = _time(train, warmup, repeats)
+    results = [Result(name, "torch", "train", "-", batch_size, image_size, "float32", sec,
+                      batch_size / sec)]
+    model.eval()
+    with torch.no_grad():
+        sec = _time(lambda: model(x), warmup, repeats)
+    results.append(Result(name, "torch", "inference", "-", batch_size, image_size, "float32", sec,
+                          batch_size / sec))
+    return results
+
+
+def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int = 56,
+                    in_features: int = 64, out_features: int = 16, repeats: int = 3) -> dict:
+    """Forward and forward+backward time of one grouped pyramid level in each lowering."""
+    from pyconv_jax.layers import grouped_conv
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch_size, size, size, in_features)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, in_features // groups, out_features)), jnp.float32)
+    out = {}
+    for lowering in ("grouped", "dense"):
+        fwd = jax.jit(lambda x, w: grouped_conv(x, w, groups=groups, lowering=lowering))
+        bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_conv(x, w, groups=groups,
+                                                                 lowering=lowering) ** 2), (0, 1)))
+        out[lowering] = (_time(lambda: fwd(x, w), 1, repeats), _time(lambda: bwd(x, w), 1, repeats))
+    return out
