@@ -58,6 +58,8 @@ TensorFlow here only feeds the host: it is kept off any GPU and its C++ logs are
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import functools
 import hashlib
@@ -137,13 +139,13 @@ class DatasetInfo:
 # Sources: an info plus "read examples [lo, hi) of a split, in a fixed order".
 
 
-class _Source:
+class _Source(abc.ABC):
     info: DatasetInfo
 
+    @abc.abstractmethod
     def read(self, split_name: str, lo: int, hi: int) -> tf.data.Dataset:
         """Examples ``[lo, hi)`` of ``split_name`` in on-disk order: {"image": encoded bytes
         (scalar string) or uint8 [H, W, C], "label": int64 []}."""
-        raise NotImplementedError
 
 
 class _TfdsSource(_Source):
