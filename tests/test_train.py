@@ -251,3 +251,20 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert f"from step {steps_saved[0]}" in out
+
+
+def test_init_from_reinitialises_a_new_head_and_can_freeze_the_backbone(tiny_run, tmp_path):
+    source = os.path.join(tiny_run[0], "checkpoints")
+    config = load_config(TINY)
+    config.dataset = "imagefolder:" + make_image_folder(str(tmp_path), 3)
+    config.train_split = config.eval_split = "train"
+    config.batch_size, config.eval_batch_size = 3, 3
+    config.num_train_steps, config.log_every_steps = 2, 1
+    config.init_from, config.freeze_backbone = source, True
+    train_and_evaluate(config, str(tmp_path / "ft"))
+    loaded, tuned = final_params(tiny_run[0]), final_params(str(tmp_path / "ft"))
+    assert tuned["params"]["fc"]["kernel"].shape == (128, 3)  # re-initialised for 3 classes
+    for name in ("conv1", "layer1_0", "layer4_1"):  # frozen: exactly the loaded weights
+        for a, b in zip(jax.tree_util.tree_leaves(loaded["params"][name]),
+                        jax.tree_util.tree_leaves(tuned["params"][name])):
+            np.testing.assert_array_equal(a, b)
