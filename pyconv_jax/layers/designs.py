@@ -219,8 +219,11 @@ class ConvDesign(nn.Module):
 
     # ------------------------------------------------------------------ counting by formula
     def conv_counts(self, in_features: int, height: int, width: int) -> tuple[int, int]:
-        """``(params, macs)`` of this layer on one ``[height, width, in_features]`` input."""
-        raise NotImplementedError
+        """``(params, macs)`` of this layer on one ``[height, width, in_features]`` input.
+
+        Every design in ``CONV_DESIGNS`` defines it; a new design must too.
+        """
+        raise TypeError(f"{type(self).__name__} does not define conv_counts; add its formula.")
 
     @classmethod
     def count(
