@@ -80,6 +80,7 @@ SPECS = [
     (8, 12, (3,), (1,)),
     (8, (4, 8), (3, 5), (2, 4)),
     (32, 128, (3, 5, 7, 9), (4, 8, 16, 32)),
+    (128, 64, (3, 5, 7), (4, 8, 16)),  # wide enough for "split" to cut 4 chunks
 ]
 
 
@@ -96,7 +97,7 @@ def test_pyconv_matches_naive_reference(in_ch, features, kernels, groups, stride
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("lowering", ["grouped", "dense"])
+@pytest.mark.parametrize("lowering", ["grouped", "dense", "split"])
 def test_dilation_and_bias(lowering):
     x = jax.random.normal(jax.random.key(3), (1, 13, 13, 8))
     layer = PyConv(16, (3, 5), (1, 4), dilation=2, use_bias=True, lowering=lowering,
@@ -123,9 +124,9 @@ def test_block_diagonal_kernel_structure():
 
 
 def test_gradients_reach_every_level_and_agree_across_lowerings():
-    x = jax.random.normal(jax.random.key(5), (2, 9, 9, 16))
+    x = jax.random.normal(jax.random.key(5), (2, 9, 9, 64))  # "split": 2 chunks of 32 channels
     grads = {}
-    for lowering in ("grouped", "dense"):
+    for lowering in ("grouped", "dense", "split"):
         layer = PyConv(64, (3, 5, 7, 9), (1, 4, 8, 16), strides=2, lowering=lowering)
         variables = layer.init(jax.random.key(6), x)
         target = jax.random.normal(jax.random.key(7), layer.apply(variables, x).shape)
@@ -137,9 +138,12 @@ def test_gradients_reach_every_level_and_agree_across_lowerings():
     for level in ("conv2_1", "conv2_2", "conv2_3", "conv2_4"):
         g = np.asarray(grads["grouped"][0][level]["kernel"])
         assert np.abs(g).min() > 0 or np.count_nonzero(g) > 0.9 * g.size, level
-        np.testing.assert_allclose(np.asarray(grads["dense"][0][level]["kernel"]), g, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(grads["dense"][1]), np.asarray(grads["grouped"][1]),
-                               rtol=1e-4, atol=1e-4)
+        for lowering in ("dense", "split"):
+            np.testing.assert_allclose(np.asarray(grads[lowering][0][level]["kernel"]), g,
+                                       rtol=1e-4, atol=1e-4, err_msg=lowering)
+    for lowering in ("dense", "split"):
+        np.testing.assert_allclose(np.asarray(grads[lowering][1]), np.asarray(grads["grouped"][1]),
+                                   rtol=1e-4, atol=1e-4, err_msg=lowering)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -178,3 +182,13 @@ def test_input_channels_not_divisible_by_groups_fails_at_init():
     layer = PyConv(32, (3, 5), (1, 4))
     with pytest.raises(ValueError, match=r"level 2 \(kernel 5x5\): 6 input channels are not divisible by 4 groups"):
         layer.init(jax.random.key(0), jnp.zeros((1, 8, 8, 6)))
+
+
+def test_lowering_policy():
+    from pyconv_jax.layers.lowering import choose_lowering, split_chunks
+
+    assert choose_lowering(1, "cpu") == choose_lowering(1, "gpu") == "grouped"  # a plain conv
+    assert choose_lowering(16, "cpu") == "split" and choose_lowering(16, "gpu") == "grouped"
+    # Chunks of >= 32 input channels that divide the groups, as measured best on XLA:CPU.
+    assert [split_chunks(c, g) for c, g in [(64, 16), (128, 4), (128, 8), (32, 32), (96, 16),
+                                            (512, 64), (16, 4)]] == [2, 4, 4, 1, 2, 16, 1]

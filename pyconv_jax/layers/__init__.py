@@ -14,6 +14,7 @@ from pyconv_jax.layers.designs import (
     get_conv_design,
 )
 from pyconv_jax.layers.lowering import LOWERINGS, block_diagonal_kernel, choose_lowering, grouped_conv
+from pyconv_jax.layers.pointwise import PointwiseConv
 from pyconv_jax.layers.pyconv import (
     ConvLevel,
     PyConv,
@@ -36,6 +37,7 @@ __all__ = [
     "get_conv_design",
     "LOWERINGS",
     "ConvLevel",
+    "PointwiseConv",
     "PyConv",
     "block_diagonal_kernel",
     "choose_lowering",

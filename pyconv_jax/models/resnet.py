@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pyconv_jax.layers import PyConv, kaiming_normal_fan_out, pyramid_levels
+from pyconv_jax.layers import PyConv, PointwiseConv, kaiming_normal_fan_out, pyramid_levels
 from pyconv_jax.layers.lowering import check_lowering
 
 Dtype = Any
@@ -54,10 +54,7 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         out_features = self.width * self.expansion
-        conv1x1 = functools.partial(
-            nn.Conv, kernel_size=(1, 1), padding="VALID", use_bias=False,
-            kernel_init=kaiming_normal_fan_out, dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        conv1x1 = functools.partial(PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
         pyconv = functools.partial(
             PyConv, dtype=self.dtype, param_dtype=self.param_dtype, lowering=self.lowering,
         )
