@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import math
 import os
 import socket
@@ -514,6 +515,155 @@ def test_image_folder(tmp_path):
     assert sorted(labels) == [0, 0, 1, 1, 1]
     batch = next(data.create_train_iterator(name, image_size=16, local_batch_size=4, seed=0))
     assert batch["image"].shape == (4, 16, 16, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders with bad files and unusual colour modes.
+
+# Files that are not images: left out when the folder is scanned.
+NOT_IMAGES = ("a/text.jpg", "b/empty.jpg", "c/empty.png")
+TRUNCATED = "c/truncated.jpg"  # a JPEG signature, but fails to decode: left out where decoded
+# JPEG decoding tolerance, in grey levels of 0..255. Every test image is made of flat 8x8 blocks
+# saved without chroma subsampling, so each JPEG block holds only its DC coefficient and the IDCT
+# is nearly exact; what remains is TensorFlow's default INTEGER_FAST IDCT against PIL's ISLOW
+# (measured: up to 3 levels for RGB, 0 for grayscale) and, for CMYK, the two conversions' rounding
+# of C*K (1 level; with dct_method="INTEGER_ACCURATE" RGB and grayscale equal PIL bitwise). An
+# unconverted CMYK image, a K channel ignored (109 levels here) or one channel taken as gray is off
+# by tens of levels, and the files' own colours differ by 127 or more. PNG is lossless: only
+# float rounding.
+JPEG_TOLERANCE, PNG_TOLERANCE = 4.0, 0.01
+
+
+def write_messy_image_folder(root) -> dict[str, tuple[np.ndarray, int, float]]:
+    """``root/train/<a|b|c>/...``: 16x16 images in every colour mode plus bad files.
+
+    Returns {relative path: (PIL's RGB conversion as float [16, 16, 3], label, tolerance)} for
+    the files that decode. Each image has its own four block colours, so outputs can be matched
+    back to the file they came from.
+    """
+    rng = np.random.default_rng(0)
+
+    def blocks(channels: int) -> np.ndarray:
+        return np.kron(rng.integers(0, 256, (2, 2, channels)), np.ones((8, 8, 1))).astype(np.uint8)
+
+    def rgb() -> Image.Image:
+        return Image.fromarray(blocks(3))
+
+    images = {
+        "a/rgb.jpg": rgb(),
+        "a/gray.jpg": Image.fromarray(blocks(1)[..., 0]),
+        "a/cmyk.jpg": Image.fromarray(blocks(4), mode="CMYK"),  # K channel not zero
+        "b/gray.png": Image.fromarray(blocks(1)[..., 0]),
+        "b/rgba.png": Image.fromarray(blocks(4), mode="RGBA"),  # alpha dropped, not blended
+        "b/palette.png": rgb().convert("P", palette=Image.ADAPTIVE, colors=4),
+        "c/png_named.jpg": rgb(),  # PNG bytes in a .jpg
+        "c/rgb.jpg": rgb(),
+    }
+    expected = {}
+    for rel, image in images.items():
+        path = root / "train" / rel
+        os.makedirs(path.parent, exist_ok=True)
+        if rel.endswith(".png") or rel == "c/png_named.jpg":
+            image.save(path, format="PNG")
+            tolerance = PNG_TOLERANCE
+        else:
+            image.save(path, format="JPEG", quality=90, subsampling=0)
+            tolerance = JPEG_TOLERANCE
+        pixels = np.asarray(Image.open(path).convert("RGB"), np.float32)
+        expected[rel] = (pixels, "abc".index(rel[0]), tolerance)
+    for rel in NOT_IMAGES:
+        (root / "train" / rel).write_bytes(b"" if "empty" in rel else b"not an image\n")
+    noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG", quality=90)
+    (root / "train" / TRUNCATED).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return expected
+
+
+def match_files(images: np.ndarray, labels: np.ndarray, expected) -> list[str]:
+    """The file each normalised output image came from (the nearest expected image), checking
+    its label and that it is within that file's tolerance of PIL's RGB conversion."""
+    names = []
+    for image, label in zip(denormalize(images) * 255.0, labels):
+        diffs = {rel: np.abs(image - pixels).max() for rel, (pixels, _, _) in expected.items()}
+        rel = min(diffs, key=diffs.get)
+        assert diffs[rel] <= expected[rel][2], (rel, diffs[rel])
+        assert label == expected[rel][1], rel
+        names.append(rel)
+    return names
+
+
+def test_image_folder_skips_bad_files_in_eval_and_matches_pil(tmp_path, caplog):
+    """Non-images are dropped at scan time (sizes exclude them, one warning); the truncated JPEG
+    is dropped at decode time (a warning naming it); every other file is evaluated exactly once,
+    on one process or two, with pixels equal to PIL's RGB conversion (tolerances above)."""
+    expected = write_messy_image_folder(tmp_path)
+    name = f"imagefolder:{tmp_path}"
+    with caplog.at_level(logging.WARNING, logger="pyconv_jax.data"):
+        info = data.get_dataset_info(name)
+    assert dict(info.splits) == {"train": 9} and info.class_names == ("a", "b", "c")
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "skipped 3 of 12 files" in warning and "\n" not in warning
+    assert all(f"train/{rel}" in warning for rel in NOT_IMAGES)
+    caplog.clear()
+
+    kwargs = {"split": "train", "image_size": 16, "resize_size": 16, "local_batch_size": 4}
+    with caplog.at_level(logging.WARNING, logger="pyconv_jax.data"):
+        it = data.create_eval_iterator(name, **kwargs)
+        assert len(it) == 3  # from the 9 files kept at scan time
+        images, labels, n = eval_examples(it)
+    assert n == 3
+    assert sorted(match_files(images, labels, expected)) == sorted(expected)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "1 image file(s) that fail to decode" in warning and TRUNCATED in warning
+
+    names, lengths = [], []
+    for index in range(2):
+        it = data.create_eval_iterator(name, process_index=index, process_count=2, **kwargs)
+        images, labels, n = eval_examples(it)
+        lengths.append(n)
+        names += match_files(images, labels, expected)
+    assert lengths == [2, 2] and sorted(names) == sorted(expected)
+
+
+def test_image_folder_bad_files_keep_training_resumable(tmp_path, caplog):
+    """Training over a folder with bad files: full batches of kept files with their labels; the
+    slot of the truncated JPEG (once per epoch of 9 positions) is filled by a file of the same
+    batch, so 36 slots hold every good file 4 times plus 4 repeats; resuming at start_step equals
+    the uninterrupted stream bitwise (a stream that dropped the slot would shift by one per
+    epoch); with a batch of 1 the truncated slot becomes a blank (mean-colour) image."""
+    expected = write_messy_image_folder(tmp_path)
+    name = f"imagefolder:{tmp_path}"
+    kwargs = {"image_size": 16, "local_batch_size": 4, "seed": 5, "shuffle_buffer": 4}
+    with caplog.at_level(logging.WARNING, logger="pyconv_jax.data"):
+        fresh = data.create_train_iterator(name, augment="none", **kwargs)
+        stream = [next(fresh) for _ in range(9)]  # 36 positions: 4 epochs
+    assert any(TRUNCATED in r.getMessage() for r in caplog.records)
+    for batch in stream:
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
+    counts = collections.Counter(
+        match_files(
+            np.concatenate([b["image"] for b in stream]),
+            np.concatenate([b["label"] for b in stream]),
+            expected,
+        )
+    )
+    assert set(counts) == set(expected) and min(counts.values()) >= 4
+    assert sum(counts.values()) - 4 * len(expected) == 4
+
+    for augment in ("none", "inception_crop"):  # crops may decode part of a truncated JPEG
+        if augment != "none":
+            fresh = data.create_train_iterator(name, augment=augment, **kwargs)
+            stream = [next(fresh) for _ in range(9)]
+        resumed = data.create_train_iterator(name, augment=augment, start_step=5, **kwargs)
+        for i in range(5, 9):  # from position 20, past two truncated slots
+            batch = next(resumed)
+            np.testing.assert_array_equal(batch["image"], stream[i]["image"], f"{augment} {i}")
+            np.testing.assert_array_equal(batch["label"], stream[i]["label"], f"{augment} {i}")
+
+    ones = data.create_train_iterator(name, augment="none", **{**kwargs, "local_batch_size": 1})
+    blank = [b for b in (next(ones) for _ in range(9)) if not b["image"].any()]
+    assert len(blank) == 1 and blank[0]["label"][0] == "abc".index(TRUNCATED[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pyconv_jax.data.digits import Digits, prepare_digits
 from pyconv_jax.data.pipeline import (
+    undecodable_files,
     DatasetError,
     DatasetInfo,
     DatasetNotPreparedError,
@@ -40,6 +41,7 @@ from pyconv_jax.data.preprocess import (
 )
 
 __all__ = [
+    "undecodable_files",
     "AUGMENTATIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

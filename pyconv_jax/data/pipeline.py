@@ -46,6 +46,35 @@ Training stream: deterministic and resumable
   A resumed run must use the same dataset, split, seed, process_count/index, shuffle_buffer,
   image_size and augment as the run it resumes; ``local_batch_size`` only sets ``p0``.
 
+Bad files in image folders
+  An image folder is not checked by anyone before training, so its bad files are handled here, in
+  two places, both deterministic so that the training stream stays exactly resumable:
+
+  * When the folder is scanned, every listed file's first 12 bytes are read (32 threads; about
+    6 us a file from a warm local disk, so seconds for ImageNet's 1.28M files; once per process).
+    Files that are empty, unreadable or do not start with a JPEG, PNG, GIF, BMP or WebP signature
+    (a text or HTML file named .jpg, say) are left out of the index, so the split sizes, process
+    shares, shuffle blocks and eval counts are those of the files kept. One warning gives their
+    number and a few paths. A PNG (or GIF, BMP, WebP) named .jpg is kept: decoding sniffs the
+    format. The tail of a file is not checked: valid JPEGs may carry data after their end marker.
+  * A file with an image signature can still fail to decode (truncated or corrupt data). Such an
+    example is left out where it is decoded, with a warning naming the file (once per file and
+    process): decoding runs per batch of positions inside a nested ``tf.data`` dataset with
+    ``ignore_errors`` (a plain map cannot catch a failing op). In training, a failed example's
+    slot is filled by repeating the batch's examples that did decode, so batch ``k`` stays a
+    function of stream positions ``[k*b, (k+1)*b)`` alone and ``start_step`` resumes exactly;
+    only a batch where nothing decodes (a mostly broken folder, or tiny batches) is emitted with
+    zero (mean-colour) images. Dropping the example instead (``ignore_errors`` on the stream)
+    would shift every later batch by one, and finding those files up front would mean decoding
+    the whole folder. In evaluation the example is left out and the last batches are padded, so
+    every example that decodes is counted exactly once. With ``inception_crop`` a truncated JPEG
+    fails only when the crop reaches its missing part (only the window is decoded); crops of its
+    intact part are real pixels and are used.
+
+  Grayscale, palette, RGBA and CMYK images (JPEG or PNG) decode to RGB; TensorFlow's CMYK and
+  Adobe-inverted CMYK conversion agrees with PIL's ``convert("RGB")``. tfds datasets are
+  trusted: ``tfds build`` wrote them, and their pipeline keeps the cheaper plain map.
+
 Evaluation stream
   One pass over the process's share in on-disk order, the last batch padded with zeros and
   ``mask = False``. Every process yields ``ceil(ceil(N / P) / local_batch_size)`` batches, so
@@ -63,9 +92,12 @@ import abc
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -83,10 +115,14 @@ except (RuntimeError, ValueError):  # already initialised by someone else: leave
     pass
 tf.get_logger().setLevel("ERROR")
 
+log = logging.getLogger("pyconv_jax.data")
+
 Batch = dict[str, np.ndarray]
 
 _INT64_MAX = np.iinfo(np.int64).max
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# How the formats tf.io.decode_image reads begin (WebP: "RIFF", 4 size bytes, "WEBP").
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Domain separators of the stateless random keys.
 _ORDER, _SHUFFLE, _AUGMENT = 1, 2, 3
 
@@ -141,6 +177,8 @@ class DatasetInfo:
 
 class _Source(abc.ABC):
     info: DatasetInfo
+    # Whether decoding an image may fail (files straight from disk); then read() adds "path".
+    may_fail_to_decode: bool = False
 
     @abc.abstractmethod
     def read(self, split_name: str, lo: int, hi: int) -> tf.data.Dataset:
@@ -201,6 +239,8 @@ class _TfdsSource(_Source):
 
 
 class _FolderSource(_Source):
+    may_fail_to_decode = True
+
     def __init__(self, name: str, root: str):
         examples, class_names = _scan_image_folder(root)
         self.examples = examples
@@ -218,7 +258,7 @@ class _FolderSource(_Source):
             (list(paths[lo:hi]), np.asarray(labels[lo:hi], np.int64))
         )
         return ds.map(
-            lambda path, label: {"image": tf.io.read_file(path), "label": label},
+            lambda path, label: {"image": tf.io.read_file(path), "label": label, "path": path},
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -233,7 +273,8 @@ def _scan_image_folder(
     Class ids index the sorted union of class folder names over all splits (as tfds
     ``ImageFolder``). Within a split, examples are ordered by the SHA-256 of their path relative
     to ``root``: a fixed, class-mixed order, so contiguous process shares and shuffle blocks are
-    random samples of the split.
+    random samples of the split. Files without an image signature (empty, unreadable, not an
+    image) are left out, with one warning (see the module docstring).
     """
     gfile = tf.io.gfile
     if not gfile.isdir(root):
@@ -256,9 +297,24 @@ def _scan_image_folder(
             for fname in gfile.listdir(cls_dir):
                 if fname.lower().endswith(_IMAGE_EXTENSIONS):
                     found.setdefault(split, []).append((os.path.join(split, cls, fname), cls))
-    if not found:
+    listed = [rel for items in found.values() for rel, _ in items]
+    paths = [os.path.join(root, rel) for rel in listed]
+    bad = {rel for rel, ok in zip(listed, _have_image_signatures(paths)) if not ok}
+    if bad:
+        log.warning(
+            "image folder %r: skipped %d of %d files that are empty, unreadable or not images "
+            "(e.g. %s); they are left out of the split sizes, fix or delete them",
+            root,
+            len(bad),
+            len(listed),
+            ", ".join(sorted(bad)[:3]),
+        )
+        found = {split: [it for it in items if it[0] not in bad] for split, items in found.items()}
+    if not any(found.values()):
+        skipped = f" ({len(bad)} files skipped as not images)" if bad else ""
         raise DatasetNotPreparedError(
-            f"image folder {root!r} holds no images: expected {root}/<split>/<class>/<image>.jpg"
+            f"image folder {root!r} holds no images{skipped}: expected "
+            f"{root}/<split>/<class>/<image>.jpg"
         )
     class_names = tuple(sorted(classes))
     ids = {c: i for i, c in enumerate(class_names)}
@@ -270,6 +326,24 @@ def _scan_image_folder(
             tuple(ids[c] for _, c in items),
         )
     return examples, class_names
+
+
+def _has_image_signature(path: str) -> bool:
+    """Whether the file starts like a JPEG, PNG, GIF, BMP or WebP; False if empty or unreadable."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(12)
+    except (OSError, tf.errors.OpError):
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:] == b"WEBP")
+
+
+def _have_image_signatures(paths: list[str]) -> list[bool]:
+    """:func:`_has_image_signature` of each path, in order; 32 threads hide the I/O latency."""
+    chunks = [paths[i : i + 1024] for i in range(0, len(paths), 1024)]
+    with ThreadPoolExecutor(32) as pool:
+        results = pool.map(lambda chunk: [_has_image_signature(p) for p in chunk], chunks)
+        return [ok for chunk in results for ok in chunk]
 
 
 def _unknown(name: str) -> UnknownDatasetError:
@@ -399,6 +473,66 @@ def _data_options() -> tf.data.Options:
 
 
 # ----------------------------------------------------------------------------------------------
+# Images that fail to decode.
+
+_undecodable: set[str] = set()  # files seen failing to decode in this process
+_undecodable_lock = threading.Lock()
+
+
+def _note_undecodable(paths: tf.Tensor) -> bool:
+    """Logs the files among ``paths`` (string [n]) not yet reported as failing to decode."""
+    with _undecodable_lock:
+        new = sorted({p.decode() for p in paths.numpy()} - _undecodable)
+        _undecodable.update(new)
+        total = len(_undecodable)
+    if new:
+        log.warning(
+            "skipped %d image file(s) that fail to decode (truncated or corrupt), e.g. %s; %d such "
+            "files so far in this process, fix or delete them",
+            len(new),
+            ", ".join(new[:3]),
+            total,
+        )
+    return True
+
+
+def undecodable_files() -> list[str]:
+    """The image files that failed to decode so far in this process (skipped), sorted."""
+    with _undecodable_lock:
+        return sorted(_undecodable)
+
+
+def _map_skipping_failures(fn: Callable[..., Any], args: tuple, paths: tf.Tensor) -> Any:
+    """``fn(*example)`` for each example of the batch ``args`` (structures of [n, ...] tensors), in
+    order, leaving out the examples where ``fn`` fails; returns a structure of [m, ...], m <= n.
+
+    A ``tf.data`` map cannot catch a failing op, but a nested dataset with ``ignore_errors`` can;
+    one per batch keeps the cost small. ``paths`` (string [n]) names the files, for the warning.
+    """
+    n = tf.shape(paths)[0]
+    done = (
+        tf.data.Dataset.from_tensor_slices((tf.range(n), args))
+        .map(lambda i, example: (i, fn(*example)))
+        .ignore_errors()
+    )
+    empty = tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape], s.dtype), done.element_spec)
+    index, out = (
+        done.batch(tf.cast(n, tf.int64))
+        .concatenate(tf.data.Dataset.from_tensors(empty))
+        .take(1)
+        .get_single_element()
+    )
+    failed = tf.scatter_nd(index[:, None], tf.ones_like(index), [n]) == 0
+    noted = tf.cond(
+        tf.reduce_any(failed),
+        lambda: tf.py_function(_note_undecodable, [tf.boolean_mask(paths, failed)], tf.bool),
+        lambda: tf.constant(True),
+    )
+    with tf.control_dependencies([noted]):
+        return tf.nest.map_structure(tf.identity, out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training.
 
 
@@ -475,9 +609,28 @@ def make_train_dataset(
         )
         return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-    ds = examples.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_data_options())
+    def augment_batch(positions, batch):
+        # Examples that fail to decode are replaced by repeating those that did (module docstring).
+        out = _map_skipping_failures(augment_example, (positions, batch), batch["path"])
+        count = tf.shape(out["label"])[0]
+        blank = {
+            "image": tf.zeros([local_batch_size, image_size, image_size, 3], tf.float32),
+            "label": tf.cast(batch["label"], tf.int32),
+        }
+
+        def refill():
+            repeat = tf.range(local_batch_size) % count
+            return tf.nest.map_structure(lambda t: tf.gather(t, repeat), out)
+
+        return tf.cond(count > 0, refill, lambda: blank)
+
+    if source.may_fail_to_decode:
+        ds = examples.batch(local_batch_size, drop_remainder=True)
+        ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = examples.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(local_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_data_options())
 
 
 def create_train_iterator(
@@ -582,7 +735,17 @@ def make_eval_dataset(
     ).repeat(num_batches * local_batch_size)
     if b > a:
         examples = source.read(split_name, a, b).take(b - a)
-        examples = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if source.may_fail_to_decode:  # leave out examples that fail to decode (module docstring)
+            examples = examples.batch(local_batch_size).map(
+                lambda batch: _map_skipping_failures(prepare, (batch,), batch["path"]),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            examples = examples.unbatch()
+        else:
+            examples = examples.map(
+                prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            )
         ds = examples.concatenate(padding)
     else:
         ds = padding
