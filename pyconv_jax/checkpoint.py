@@ -9,12 +9,17 @@ step holds up to three items:
   rebuild the model with :func:`pyconv_jax.create_model`.
 
 orbax writes each step under a temporary name and renames it when complete, so a crash during a
-save never leaves a step that :func:`latest_step` would pick.
+save never leaves a step that ``latest_step`` would pick. What a rename cannot catch (a file
+damaged later on disk) the ``meta`` item's ``checksums`` do: a digest of every saved array,
+checked on every restore, because orbax restores a flipped byte in array data silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -25,6 +30,53 @@ import orbax.checkpoint as ocp
 MODEL, TRAIN, META = "model", "train", "meta"
 ITEM_NAMES = (MODEL, TRAIN, META)
 FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is intact but was written for another model or configuration."""
+
+
+class DamagedCheckpointError(ValueError):
+    """The checkpoint's arrays do not match the checksums recorded when it was written."""
+
+
+def tree_checksum(tree: Any) -> str:
+    """A digest of every leaf's path, dtype, shape and bytes, for trees replicated on each host.
+
+    Only the first addressable shard of each ``jax.Array`` is read, which is the whole array for
+    the replicated training state and converted weights this project saves.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def verify_checksum(meta: dict[str, Any], item: str, tree: Any, where: str) -> None:
+    """Raises :class:`DamagedCheckpointError` if ``tree`` differs from what was saved as ``item``.
+
+    Checkpoints written before checksums existed (no ``checksums`` in ``meta``) pass unchecked.
+    """
+    expected = meta.get("checksums", {}).get(item)
+    if expected is not None and tree_checksum(tree) != expected:
+        raise DamagedCheckpointError(
+            f"{where}: the {item!r} arrays do not match the checksum recorded when they were "
+            "saved (the files were damaged after writing)."
+        )
+
+
+def quarantine_step(directory: str, step: int) -> str:
+    """Moves step ``step`` of ``directory`` to ``<directory>.damaged/<step>-<time>``; returns it.
+
+    The damaged files are kept for inspection instead of deleted, and moved out of the manager's
+    directory so that no later start picks them and the step number can be written again.
+    """
+    target = os.path.join(f"{os.path.abspath(directory)}.damaged", f"{step}-{int(time.time())}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(directory, str(step)), target)
+    return target
 
 
 def jsonable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -55,10 +107,16 @@ def open_manager(
     max_to_keep: int | None = None,
     async_save: bool = False,
     create: bool = True,
+    cleanup_tmp: bool = False,
 ) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` over ``directory`` with this project's items."""
+    """An orbax ``CheckpointManager`` over ``directory`` with this project's items.
+
+    ``cleanup_tmp`` deletes unfinished saves (left by a crash); only the process that owns the
+    directory (the training run) may ask for it, or it would delete a save in progress.
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=cleanup_tmp,
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEM_NAMES)
 
@@ -124,6 +182,7 @@ def restore_model_variables(
     restored = manager.restore(
         step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)})
     )
+    verify_checksum(meta, MODEL, restored[MODEL], f"checkpoint {directory!r} step {step}")
     return meta, restored[MODEL]
 
 
@@ -141,11 +200,13 @@ def save_model_variables(
         )
     model_vars = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     manager = open_manager(directory)
+    meta = make_meta(model_name, model_kwargs, **extra_meta)
+    meta["checksums"] = {MODEL: tree_checksum(model_vars)}
     manager.save(
         step,
         args=ocp.args.Composite(**{
             MODEL: ocp.args.StandardSave(model_vars),
-            META: ocp.args.JsonSave(make_meta(model_name, model_kwargs, **extra_meta)),
+            META: ocp.args.JsonSave(meta),
         }),
     )
     manager.wait_until_finished()

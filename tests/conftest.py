@@ -1,8 +1,17 @@
-"""Shared test helpers."""
+"""Shared test helpers and fixtures."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from tests.train_helpers import XLA_CACHE_ENV
+
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE_ENV["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def fast_variables(model, x, seed=0, train_stats=False):
@@ -28,3 +37,27 @@ def fast_variables(model, x, seed=0, train_stats=False):
         return jnp.ones(shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(shape, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted 6-step run of the tiny config (checkpoints at 2, 4, 6), compile log kept.
+
+    Shared by the training and fault tests as the reference that interrupted runs must equal.
+    """
+    from pyconv_jax.train import train_and_evaluate
+    from tests.train_helpers import load_config
+
+    workdir = str(tmp_path_factory.mktemp("run") / "a")
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Grab()
+    logging.getLogger("jax").addHandler(handler)
+    with jax.log_compiles(True):
+        metrics = train_and_evaluate(load_config(), workdir)
+    logging.getLogger("jax").removeHandler(handler)
+    return workdir, metrics, records

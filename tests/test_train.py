@@ -1,14 +1,9 @@
 """Training system: configs, compile-once steps, resume, device/process invariance, metrics, errors."""
 
 import glob
-import importlib.util
 import json
-import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,22 +14,8 @@ from pyconv_jax import data
 from pyconv_jax.models import create_model
 from pyconv_jax.train import config as config_lib
 from pyconv_jax.train import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny_config.py")
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def final_params(workdir):
-    _, variables = ckpt.restore_model_variables(os.path.join(workdir, "checkpoints"))
-    return jax.tree_util.tree_map(np.asarray, variables)
-
+from tests.train_helpers import (ROOT, TINY, assert_trees_equal, final_params, free_port,
+                                 load_config, params_at, run_script)
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))),
                          ids=os.path.basename)
@@ -62,24 +43,6 @@ def test_invalid_config_values_fail_fast(key, value, message):
     config[key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         config_lib.validate_config(config)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One uninterrupted 6-step run, with the compile log captured."""
-    workdir = str(tmp_path_factory.mktemp("run") / "a")
-    records = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Grab()
-    logging.getLogger("jax").addHandler(handler)
-    with jax.log_compiles(True):
-        metrics = train_and_evaluate(load_config(TINY), workdir)
-    logging.getLogger("jax").removeHandler(handler)
-    return workdir, metrics, records
 
 
 def test_steps_compile_once(tiny_run):
@@ -112,32 +75,11 @@ def test_restart_resumes_at_the_right_step_with_the_same_state(tiny_run, tmp_pat
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # as if stopped after step 4's save
     train_and_evaluate(load_config(TINY), resumed)
-    expected, got = final_params(workdir), final_params(resumed)
-    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
-        np.testing.assert_array_equal(a, b)  # bitwise: same data order, RNG, optimizer state
+    # bitwise: same data order, RNG, optimizer state
+    assert_trees_equal(final_params(workdir), final_params(resumed))
     lines = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
     lr_at_6 = [r["learning_rate"] for r in lines if r.get("step") == 6 and "learning_rate" in r]
     assert len(set(lr_at_6)) == 1 and len(lr_at_6) == 2  # the original and the resumed log agree
-
-
-def run_script(workdir, *extra, devices=1, env_extra=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", TINY,
-         "--workdir", workdir, *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def params_at(workdir, step):
-    _, variables = ckpt.restore_model_variables(os.path.join(workdir, "checkpoints"), step=step)
-    return jax.tree_util.tree_map(np.asarray, variables)
 
 
 def test_one_device_four_devices_and_two_processes_agree(tmp_path):

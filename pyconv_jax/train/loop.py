@@ -66,14 +66,22 @@ def prefetch_to_device(iterator: Iterator, sharding: NamedSharding, size: int = 
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (save, then exit cleanly)."""
+    """Turns a preemption notice into a stop at a step every process agrees on.
+
+    One process: SIGTERM/SIGINT set a flag checked between steps (save, then exit cleanly).
+    Several processes: each must save the same step, so SIGTERM is left to JAX's preemption
+    service (started by ``jax.distributed.initialize``), which propagates a notice received by any
+    process to all of them and picks the step; :meth:`at` asks it every step. A Python SIGTERM
+    handler would replace that service's, so none is installed then; SIGINT keeps its default.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in () if self._multiprocess else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread
@@ -83,6 +91,16 @@ class _StopRequest:
     def _handle(self, signum, frame):
         self.requested = True
         log.warning("received signal %d: saving a checkpoint at the current step, then stopping", signum)
+
+    def at(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (called once per step, by every process)."""
+        if self._multiprocess and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+            if self.requested:
+                log.warning("preemption notice: every process saves at step %d, then stops", step)
+        return self.requested
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -124,8 +142,10 @@ def _split_state(state: steps.TrainState) -> dict[str, Any]:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, meta: dict) -> None:
+    """Saves ``state`` at its step, with the checksums that a restore verifies."""
     parts = _split_state(state)
     step = int(jax.device_get(state.step))
+    meta = dict(meta, checksums={name: ckpt.tree_checksum(tree) for name, tree in parts.items()})
     manager.save(step, args=ocp.args.Composite(**{
         ckpt.MODEL: ocp.args.StandardSave(parts[ckpt.MODEL]),
         ckpt.TRAIN: ocp.args.StandardSave(parts[ckpt.TRAIN]),
@@ -136,12 +156,16 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, met
 def restore_checkpoint(
     manager: ocp.CheckpointManager, abstract_state: steps.TrainState, meta: dict, step: int
 ) -> steps.TrainState:
-    """Restores ``step`` into the layout of ``abstract_state``; refuses another model's checkpoint."""
+    """Restores ``step`` into the layout of ``abstract_state``, verified against its checksums.
+
+    Raises :class:`~pyconv_jax.checkpoint.CheckpointMismatchError` for another model's checkpoint,
+    and any other exception for a damaged one.
+    """
     saved = manager.restore(step, args=ocp.args.Composite(**{ckpt.META: ocp.args.JsonRestore()}))
     saved_meta = saved[ckpt.META]
     for key in ("model", "model_kwargs"):
         if saved_meta.get(key) != meta[key]:
-            raise ValueError(
+            raise ckpt.CheckpointMismatchError(
                 f"the checkpoint at step {step} in {manager.directory} was written for "
                 f"{key}={saved_meta.get(key)!r}, but this config asks for {meta[key]!r}; use "
                 "a new --workdir or the matching config."
@@ -150,11 +174,43 @@ def restore_checkpoint(
     restored = manager.restore(step, args=ocp.args.Composite(**{
         name: ocp.args.StandardRestore(tree) for name, tree in targets.items()
     }))
+    where = f"checkpoint {manager.directory} step {step}"
+    for name in (ckpt.MODEL, ckpt.TRAIN):
+        ckpt.verify_checksum(saved_meta, name, restored[name], where)
     model_vars, train_vars = restored[ckpt.MODEL], restored[ckpt.TRAIN]
     return abstract_state.replace(
         step=train_vars["step"], opt_state=train_vars["opt_state"],
         params=model_vars["params"], batch_stats=model_vars["batch_stats"],
     )
+
+
+def resume_latest_intact(open_manager, abstract_state: steps.TrainState, meta: dict):
+    """``(manager, state)`` from the newest checkpoint that restores intact; state None if none.
+
+    A step that fails to restore or to verify is moved aside (:func:`ckpt.quarantine_step`) with a
+    warning and the previous one tried, so a damaged file costs the steps since the previous
+    checkpoint, never the run. Another model's checkpoint is an error, not damage.
+    """
+    manager = open_manager()
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager, restore_checkpoint(manager, abstract_state, meta, step)
+        except ckpt.CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure to read back means damage
+            reason = " ".join(str(error).split())[:300]
+            manager.close()
+            if jax.process_index() == 0:
+                moved = ckpt.quarantine_step(str(manager.directory), step)
+                log.warning("checkpoint step %d in %s is damaged (%s: %s); moved it to %s and "
+                            "trying the previous one", step, manager.directory,
+                            type(error).__name__, reason, moved)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
+            manager = open_manager()
+    return manager, None
 
 
 def merge_pretrained(params: Any, batch_stats: Any, init_from: str) -> tuple[Any, Any, list[str]]:
@@ -232,7 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains and evaluates ``config`` in ``workdir``; returns the final eval metrics."""
     config_lib.validate_config(config)
     check_batch_sizes(config)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"cannot create workdir {workdir!r} ({error.strerror}); choose a "
+                              "writable --workdir.") from None
     if not os.access(workdir, os.W_OK):
         raise PermissionError(f"cannot write to workdir {workdir!r}; choose a writable --workdir.")
 
@@ -264,13 +324,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract_state = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state)
 
-    manager = ckpt.open_manager(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-        async_save=config.async_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = restore_checkpoint(manager, abstract_state, meta, latest)
-        log.info("resumed from %s at step %d", manager.directory, latest)
+    manager, state = resume_latest_intact(
+        lambda: ckpt.open_manager(
+            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+            async_save=config.async_checkpoints, cleanup_tmp=True),
+        abstract_state, meta)
+    if state is not None:
+        log.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state.step)))
     else:
         state = jax.jit(init_state, out_shardings=replicated)(init_rng)
         if config.init_from:
@@ -317,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             step += 1
             pending.append((step, metrics))
             is_last = step == total_steps
-            if step % config.log_every_steps == 0 or is_last or stop.requested:
+            stopping = stop.at(step)
+            if step % config.log_every_steps == 0 or is_last or stopping:
                 host = jax.device_get(pending)
                 skipped += _check_finite(host, config.skip_nonfinite_updates)
                 scalars = {
@@ -336,10 +397,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     print(f"step {step}: " + "  ".join(
                         f"{k}={v:.4f}" for k, v in eval_metrics.items() if k != "eval_examples"),
                         flush=True)
-            if step % config.checkpoint_every_steps == 0 or is_last or stop.requested:
+            if step % config.checkpoint_every_steps == 0 or is_last or stopping:
                 _check_finite(jax.device_get(pending), config.skip_nonfinite_updates)
                 save_checkpoint(manager, state, meta)
-            if stop.requested:
+            if stopping:
                 log.warning("stopped at step %d after a signal; the next start resumes here", step)
                 break
     if not eval_metrics and step >= total_steps:  # resumed a finished run: report it again
@@ -349,6 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if skipped:
         log.warning("skipped %d updates with non-finite loss or gradients", skipped)
+    if data.undecodable_files():
+        log.warning("%d image files failed to decode and were skipped in this process: %s",
+                    len(data.undecodable_files()), ", ".join(data.undecodable_files()[:10]))
     if eval_metrics and jax.process_index() == 0:
         print(f"final ({config.eval_split} split, {int(eval_metrics['eval_examples'])} examples, "
               f"step {step}): top-1 {100 * eval_metrics['eval_top1']:.2f}%  "
