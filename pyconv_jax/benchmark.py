@@ -7,6 +7,7 @@ noisy machine: each measurement is the mean of ``repeats`` timed calls after ``w
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -140,11 +141,72 @@ def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int 
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch_size, size, size, in_features)), jnp.float32)
+    out_features = max(out_features, groups)  # each group needs at least one output
     w = jnp.asarray(rng.normal(size=(kernel, kernel, in_features // groups, out_features)), jnp.float32)
     out = {}
-    for lowering in ("grouped", "dense"):
+    for lowering in ("grouped", "dense", "split"):
         fwd = jax.jit(lambda x, w: grouped_conv(x, w, groups=groups, lowering=lowering))
         bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_conv(x, w, groups=groups,
                                                                  lowering=lowering) ** 2), (0, 1)))
         out[lowering] = (_time(lambda: fwd(x, w), 1, repeats), _time(lambda: bwd(x, w), 1, repeats))
     return out
+
+
+def train_step_memory(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
+                      remat: bool = False) -> int | None:
+    """XLA's planned memory (temp + arguments + outputs) of the train step, compiled, not run.
+
+    Compile-only, so it measures batch sizes this machine could not run in reasonable time.
+    """
+    model = create_model(name, dtype=dtype, remat=remat)
+    x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+
+    def init_state():
+        variables = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+        return steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                       batch_stats=variables["batch_stats"],
+                                       tx=optax.sgd(0.1, momentum=0.9))
+
+    state = jax.eval_shape(init_state)
+    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"image": x, "label": y}).compile()
+    return _memory(compiled)
+
+
+def write_jpeg_folder(root: str, num_images: int, *, size: tuple[int, int] = (500, 375),
+                      num_classes: int = 10, seed: int = 0) -> str:
+    """Writes ``root/train/<class>/<i>.jpg``: ImageNet-sized JPEGs (quality 90) with smooth
+    random content, which compresses and decodes like photographs rather than like noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        folder = os.path.join(root, "train", f"class{i % num_classes}")
+        os.makedirs(folder, exist_ok=True)
+        coarse = rng.integers(0, 256, size=(size[1] // 25 + 1, size[0] // 25 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    return root
+
+
+def benchmark_input_pipeline(root: str, *, image_size: int = 224, batch_size: int = 64,
+                             augment: str = "inception_crop", batches: int = 20) -> dict:
+    """Images/s of the training input pipeline (read, decode, augment, batch) on ``root``.
+
+    Uses every core tf.data may use; ``per_core`` divides by the cores this process may run on.
+    """
+    from pyconv_jax import data
+
+    iterator = data.create_train_iterator(
+        f"imagefolder:{root}", image_size=image_size, local_batch_size=batch_size,
+        augment=augment, shuffle_buffer=1024)
+    next(iterator)  # build the pipeline and fill its buffers
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    cores = len(os.sched_getaffinity(0))
+    rate = batches * batch_size / seconds
+    return {"images_per_second": rate, "cores": cores, "per_core": rate / cores,
+            "augment": augment, "image_size": image_size}

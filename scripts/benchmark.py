@@ -2,16 +2,22 @@ r"""Train-step and inference throughput, compile time and memory; optional PyTor
 
     python scripts/benchmark.py --models pyconvresnet50,resnet50 --batch_size 16 --image_size 224 \
         [--dtype bfloat16] [--lowerings auto,grouped] [--remat] [--compare_torch] [--levels]
-        [--output benchmark.json]
+        [--memory_batch_sizes 64,256] [--input_pipeline] [--output benchmark.json]
 """
 
 import dataclasses
 import json
+import os
+import sys
+import tempfile
 
 import jax
 from absl import app, flags
 
-from pyconv_jax import benchmark
+# The PyTorch reference models live in tests/ (they are the tests' independent reference).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyconv_jax import benchmark  # noqa: E402
 
 flags.DEFINE_list("models", ["pyconvresnet50", "resnet50"], "Registered model names.")
 flags.DEFINE_integer("batch_size", 16, "Batch size.")
@@ -21,6 +27,10 @@ flags.DEFINE_list("lowerings", ["auto"], "PyConv lowerings to measure (auto, gro
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
 flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")
+flags.DEFINE_list("memory_batch_sizes", [], "Also report the train step's planned memory at these "
+                  "batch sizes, with and without --remat (compiled, not run).")
+flags.DEFINE_bool("timing", True, "Time the train and inference steps (--notiming: only the rest).")
+flags.DEFINE_bool("input_pipeline", False, "Also measure the JPEG input pipeline (images/s/core).")
 flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (after 2 warm-up calls).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
@@ -30,19 +40,23 @@ def main(argv):
     del argv
     print(f"backend: {jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind})")
     results = []
-    for name in FLAGS.models:
+    print(benchmark.HEADER, flush=True)
+
+    def add(rows):
+        for r in rows:
+            print(r.row(), flush=True)
+        results.extend(rows)
+
+    for name in FLAGS.models if FLAGS.timing else []:
         for lowering in FLAGS.lowerings:
             for remat in ([False, True] if FLAGS.remat else [False]):
-                results += benchmark.benchmark_jax(
+                add(benchmark.benchmark_jax(
                     name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                    dtype=FLAGS.dtype, lowering=lowering, remat=remat, repeats=FLAGS.repeats)
+                    dtype=FLAGS.dtype, lowering=lowering, remat=remat, repeats=FLAGS.repeats))
         if FLAGS.compare_torch:
-            results += benchmark.benchmark_torch(
+            add(benchmark.benchmark_torch(
                 name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                repeats=FLAGS.repeats)
-    print(benchmark.HEADER)
-    for r in results:
-        print(r.row())
+                repeats=FLAGS.repeats))
     if FLAGS.compare_torch:
         for r in results:
             ref = [t for t in results if t.framework == "torch" and t.model == r.model
@@ -50,20 +64,47 @@ def main(argv):
             if r.framework == "jax" and ref:
                 print(f"{r.model} {r.mode} {r.lowering}: JAX time / PyTorch time = "
                       f"{r.seconds_per_step / ref[0].seconds_per_step:.2f}")
+    base = {(r.mode, r.lowering): r for r in results if r.framework == "jax" and r.model == "resnet50"}
+    for r in results:
+        b = base.get((r.mode, r.lowering))
+        if r.framework == "jax" and b and r.model != "resnet50":
+            print(f"{r.model} {r.mode} {r.lowering}: time / resnet50 time = "
+                  f"{r.seconds_per_step / b.seconds_per_step:.2f}")
     levels = {}
     if FLAGS.levels:
-        print("| level | grouped fwd ms | dense fwd ms | grouped fwd+bwd ms | dense fwd+bwd ms |\n"
-              "|---|---:|---:|---:|---:|")
+        names = ("grouped", "dense", "split")
+        print("| level | " + " | ".join(f"{n} fwd ms" for n in names) + " | "
+              + " | ".join(f"{n} fwd+bwd ms" for n in names) + " |\n|---|" + "---:|" * 6)
         for k, g in ((5, 4), (7, 8), (9, 16), (9, 32)):
             t = benchmark.benchmark_level(k, g, repeats=FLAGS.repeats)
             levels[f"{k}x{k}/{g}"] = t
-            print(f"| {k}x{k}, {g} groups | {t['grouped'][0] * 1e3:.1f} | {t['dense'][0] * 1e3:.1f} "
-                  f"| {t['grouped'][1] * 1e3:.1f} | {t['dense'][1] * 1e3:.1f} |")
+            print(f"| {k}x{k}, {g} groups | "
+                  + " | ".join(f"{t[n][0] * 1e3:.1f}" for n in names) + " | "
+                  + " | ".join(f"{t[n][1] * 1e3:.1f}" for n in names) + " |", flush=True)
+    memory = {}
+    if FLAGS.memory_batch_sizes:
+        print("| model | batch | size | memory MiB | with remat MiB |\n|---|---:|---:|---:|---:|")
+        for name in FLAGS.models:
+            for batch in map(int, FLAGS.memory_batch_sizes):
+                plain, remat = (benchmark.train_step_memory(
+                    name, batch_size=batch, image_size=FLAGS.image_size, dtype=FLAGS.dtype,
+                    remat=r) for r in (False, True))
+                memory[f"{name}/{batch}"] = {"plain": plain, "remat": remat}
+                print(f"| {name} | {batch} | {FLAGS.image_size} | {plain / 2**20:.0f} | "
+                      f"{remat / 2**20:.0f} |", flush=True)
+    pipeline = {}
+    if FLAGS.input_pipeline:
+        with tempfile.TemporaryDirectory() as root:
+            benchmark.write_jpeg_folder(root, 512)
+            pipeline = benchmark.benchmark_input_pipeline(root, image_size=FLAGS.image_size)
+        print(f"input pipeline (500x375 JPEGs, {pipeline['augment']}, {FLAGS.image_size}px): "
+              f"{pipeline['images_per_second']:.0f} images/s on {pipeline['cores']} cores = "
+              f"{pipeline['per_core']:.0f} images/s per core")
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump({"backend": jax.default_backend(),
-                       "results": [dataclasses.asdict(r) for r in results], "levels": levels},
-                      f, indent=1)
+                       "results": [dataclasses.asdict(r) for r in results], "levels": levels,
+                       "memory": memory, "input_pipeline": pipeline}, f, indent=1)
 
 
 if __name__ == "__main__":
