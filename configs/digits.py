@@ -1,7 +1,7 @@
 r"""The embedded demo: a small PyConvResNet trained on scikit-learn's 8x8 digits, offline.
 
-1,437 training / 360 test images upscaled to 32x32; PyConvResNet-18 with a two-stage-pyramid
-(3x3 + 5x5) so it fits the tiny images; 2-core CPU: about 3 minutes, ~98-99% test top-1.
+1,437 training / 360 test images upscaled to 16x16; PyConvResNet-18 with its published pyramids
+and zero-initialised residual branches; 2-core CPU: about 3 minutes, ~98-99% test top-1.
 
     python scripts/train.py --config configs/digits.py --workdir runs/digits
 """
