@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from pyconv_jax.layers import PyConv, PointwiseConv, kaiming_normal_fan_out, pyramid_levels
 from pyconv_jax.layers.lowering import check_lowering
+from pyconv_jax.layers.pooling import max_pool
 
 Dtype = Any
 
@@ -85,8 +86,7 @@ class ResidualBlock(nn.Module):
                 residual = norm(name="downsample_bn")(residual)
         else:  # "pool": max-pool 3x3 (padding 1) when striding, then 1x1 + BN when widening
             if self.strides != 1:
-                s = (self.strides, self.strides)
-                residual = nn.max_pool(residual, (3, 3), strides=s, padding=((1, 1), (1, 1)))
+                residual = max_pool(residual, 3, self.strides, 1)
             if needs_projection:
                 residual = conv1x1(out_features, name="downsample_conv")(residual)
                 residual = norm(name="downsample_bn")(residual)
@@ -195,7 +195,7 @@ class ResNet(nn.Module):
         )(x)
         x = nn.relu(x)
         if self.stem_pool:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, 3, 2, 1)
 
         block_cls = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
         features = {}
