@@ -189,11 +189,33 @@ def test_input_channels_not_divisible_by_groups_fails_at_init():
 def test_lowering_policy():
     from pyconv_jax.layers.lowering import choose_lowering, split_chunks
 
-    assert choose_lowering(1, "cpu") == choose_lowering(1, "gpu") == "grouped"  # a plain conv
-    assert choose_lowering(16, "cpu") == "split" and choose_lowering(16, "gpu") == "grouped"
+    assert choose_lowering(1, "cpu") == choose_lowering(16, "cpu") == "split"
+    assert choose_lowering(1, "gpu") == choose_lowering(16, "gpu") == "grouped"
     # Chunks of >= 32 input channels that divide the groups, as measured best on XLA:CPU.
     assert [split_chunks(c, g) for c, g in [(64, 16), (128, 4), (128, 8), (32, 32), (96, 16),
-                                            (512, 64), (16, 4)]] == [2, 4, 4, 1, 2, 16, 1]
+                                            (512, 64), (16, 4), (64, 1)]] == [2, 4, 4, 1, 2, 16, 1, 1]
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7, 9, 11])
+@pytest.mark.parametrize("size", [(12, 10), (11, 9), (1, 2)])
+def test_space_to_depth_conv_equals_the_strided_conv(kernel, size):
+    """Even, odd and tiny inputs, both parities of k // 2; values and gradients."""
+    from pyconv_jax.layers.lowering import space_to_depth_conv
+
+    rng = np.random.default_rng(kernel)
+    x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+
+    def strided(x, w):
+        p = kernel // 2
+        return jax.lax.conv_general_dilated(x, w, (2, 2), [(p, p), (p, p)],
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    np.testing.assert_allclose(space_to_depth_conv(x, w), strided(x, w), rtol=1e-5, atol=1e-4)
+    target = jnp.asarray(rng.normal(size=strided(x, w).shape), jnp.float32)
+    for a, b in zip(jax.grad(lambda x, w: jnp.sum(space_to_depth_conv(x, w) * target), (0, 1))(x, w),
+                    jax.grad(lambda x, w: jnp.sum(strided(x, w) * target), (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("ties", [False, True])
