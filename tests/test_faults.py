@@ -6,7 +6,6 @@ Kills are real SIGKILLs of ``scripts/train.py`` subprocesses at chosen points
 """
 
 import glob
-import json
 import logging
 import os
 import shutil

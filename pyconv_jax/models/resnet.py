@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pyconv_jax.layers import PyConv, PointwiseConv, kaiming_normal_fan_out, pyramid_levels
+from pyconv_jax.layers import PointwiseConv, PyConv, pyramid_levels
 from pyconv_jax.layers.lowering import check_lowering
 from pyconv_jax.layers.pooling import max_pool
 

@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import signal
-import time
 from typing import Any, Iterator
 
 import flax
