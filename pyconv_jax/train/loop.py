@@ -409,9 +409,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if skipped:
         log.warning("skipped %d updates with non-finite loss or gradients", skipped)
-    if data.undecodable_files():
+    undecodable = data.undecodable_files()
+    if undecodable:
         log.warning("%d image files failed to decode and were skipped in this process: %s",
-                    len(data.undecodable_files()), ", ".join(data.undecodable_files()[:10]))
+                    len(undecodable), ", ".join(undecodable[:10]))
     if eval_metrics and jax.process_index() == 0:
         print(f"final ({config.eval_split} split, {int(eval_metrics['eval_examples'])} examples, "
               f"step {step}): top-1 {100 * eval_metrics['eval_top1']:.2f}%  "
