@@ -200,7 +200,7 @@ def test_lowering_policy():
 @pytest.mark.parametrize("size", [(12, 10), (11, 9), (1, 2)])
 def test_space_to_depth_conv_equals_the_strided_conv(kernel, size):
     """Even, odd and tiny inputs, both parities of k // 2; values and gradients."""
-    from pyconv_jax.layers.lowering import space_to_depth_conv
+    from pyconv_jax.layers.cpu_conv import space_to_depth_conv
 
     rng = np.random.default_rng(kernel)
     x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)

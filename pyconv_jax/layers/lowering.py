@@ -10,10 +10,10 @@
   form's fast kernels while cutting its wasted MACs by the chunk count; measured 1.3-5.6x faster
   than ``dense`` forward+backward on the PyConvResNet levels (docs/benchmarks.md).
 
-``dense`` and ``split`` also run stride-2 levels with kernels of :data:`S2D_MIN_KERNEL` or more as
-a stride-1 conv over a space-to-depth input (:func:`space_to_depth_conv`): XLA:CPU's backward pass
-of a strided conv is slow (9x9, 64->16 channels at 16x112x112: 866 ms forward+backward strided,
-332 ms this way), while for 3x3 the 78% extra MACs cost more than they save.
+On CPU, ``dense`` and ``split`` convs go through :func:`pyconv_jax.layers.cpu_conv.conv`, whose
+backward pass avoids XLA:CPU's slow weight and strided input gradients (a ``custom_vjp``: reverse
+mode only). ``grouped`` is always XLA's own conv, so it is the lowering to pick for forward-mode
+differentiation (``jax.jvp``, ``jax.jacfwd``).
 
 Every lowering computes the same function (up to float rounding); the choice is a speed decision
 only, and gradients flow through each of them.
@@ -25,17 +25,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pyconv_jax.layers import cpu_conv
+
 LOWERINGS = ("auto", "grouped", "dense", "split")
 
 #: ``split`` chunks have at least this many input channels: measured on XLA:CPU, narrower dense
 #: convs (down to one group per chunk) lose more to poor kernel efficiency than they save in MACs.
 SPLIT_MIN_CHANNELS = 32
-
-#: Stride-2 ``dense``/``split`` convs with kernels at least this large use space-to-depth
-#: (measured forward+backward on XLA:CPU: 7x7 555 -> 305 ms, 9x9 866 -> 332 ms; 3x3 slower).
-S2D_MIN_KERNEL = 7
-
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def check_lowering(lowering: str) -> None:
@@ -47,7 +43,7 @@ def choose_lowering(groups: int, backend: str | None = None) -> str:
     """The ``auto`` policy: ``split`` on CPU, the native ``grouped`` conv on GPU/TPU.
 
     ``groups`` is part of the signature for policies that depend on it; with one group every
-    lowering is a plain convolution (on CPU ``split`` still picks space-to-depth when strided).
+    lowering is a plain convolution (on CPU ``split`` still gets the faster backward pass).
     """
     del groups
     backend = backend or jax.default_backend()
@@ -76,29 +72,6 @@ def block_diagonal_kernel(kernel: jax.Array, groups: int) -> jax.Array:
     return dense.reshape(kh, kw, groups * cin_g, cout)
 
 
-def space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-2 conv of odd square ``kernel`` (padding ``k // 2``) as a stride-1 conv.
-
-    Each 2x2 block of pixels becomes one pixel with 4x the channels, and the kernel is rearranged
-    to match (tap ``a = 2 q + r + k // 2`` of the original lands at block offset ``q``, pixel
-    ``r``), so the result equals the strided conv's while XLA differentiates a stride-1 conv.
-    """
-    k, _, c, out = kernel.shape
-    p = k // 2
-    n, h, w, _ = x.shape
-    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))  # zeros, as the conv's own padding
-    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
-    x = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4 * c)
-    first, last = -((p + 1) // 2), p // 2  # block offsets q the kernel reaches
-    taps = last - first + 1
-    lead = -(2 * first + p)  # 0 or 1 zero taps in front, so that taps pair up as (q, r)
-    kernel = jnp.pad(kernel, ((lead, 2 * taps - k - lead),) * 2 + ((0, 0), (0, 0)))
-    kernel = kernel.reshape(taps, 2, taps, 2, c, out).transpose(0, 2, 1, 3, 4, 5)
-    return lax.conv_general_dilated(
-        x, kernel.reshape(taps, taps, 4 * c, out), window_strides=(1, 1),
-        padding=[(-first, last)] * 2, dimension_numbers=_DIMENSION_NUMBERS)
-
-
 def grouped_conv(
     x: jax.Array,
     kernel: jax.Array,
@@ -124,20 +97,14 @@ def grouped_conv(
                              lowering="dense") for xc, kc in parts], axis=-1)
         lowering = "dense"
     kh, kw = kernel.shape[:2]
-    padding = [(dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2]
-    if lowering == "dense":
-        kernel, feature_groups = block_diagonal_kernel(kernel, groups), 1
-        if (tuple(strides) == (2, 2) and dilation == 1 and kh == kw and kh % 2
-                and kh >= S2D_MIN_KERNEL):
-            return space_to_depth_conv(x, kernel)
-    else:
-        feature_groups = groups
+    padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
+    if lowering == "grouped":
+        return lax.conv_general_dilated(
+            x, kernel, window_strides=strides, padding=padding, rhs_dilation=(dilation, dilation),
+            dimension_numbers=cpu_conv.DIMENSION_NUMBERS, feature_group_count=groups)
+    kernel = block_diagonal_kernel(kernel, groups)
+    if jax.default_backend() == "cpu":
+        return cpu_conv.conv(x, kernel, tuple(strides), padding, (dilation, dilation))
     return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides,
-        padding=padding,
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=feature_groups,
-    )
+        x, kernel, window_strides=strides, padding=padding, rhs_dilation=(dilation, dilation),
+        dimension_numbers=cpu_conv.DIMENSION_NUMBERS)

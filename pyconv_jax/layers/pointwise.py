@@ -1,8 +1,9 @@
 """The 1x1 convolutions of a bottleneck, computed as matrix products.
 
-A 1x1 convolution is a matrix product over the channel axis. Written as ``lax.dot_general`` it runs
-2-2.4x faster forward and backward on XLA:CPU than the same ``conv_general_dilated``
-(docs/benchmarks.md), and GPU/TPU backends lower both to the same GEMM. The parameters are those of
+A 1x1 convolution is a matrix product over the channel axis. Written as one 2-D product of the
+``[N*H*W, C]`` pixels it runs 2-2.4x faster forward and 1.5-3x faster backward on XLA:CPU than the
+same ``conv_general_dilated`` (docs/benchmarks.md), and GPU/TPU backends lower both to the same
+GEMM. The parameters are those of
 ``flax.linen.Conv(kernel_size=(1, 1), use_bias=False)`` (``kernel`` ``[1, 1, in, out]``), so the
 published checkpoints and converted weights load unchanged.
 """
@@ -37,5 +38,8 @@ class PointwiseConv(nn.Module):
         if self.strides != 1:
             x = x[:, :: self.strides, :: self.strides, :]
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
-        return jax.lax.dot_general(jnp.asarray(x, dtype), jnp.asarray(kernel[0, 0], dtype),
-                                   (((x.ndim - 1,), (0,)), ((), ())))
+        # One matrix [N*H*W, C]: its weight gradient is then a single 2-D product, which XLA:CPU
+        # runs up to 3x faster than the same product contracting over N, H and W separately.
+        rows = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
+        y = rows @ jnp.asarray(kernel[0, 0], dtype)
+        return y.reshape(*x.shape[:-1], self.features)

@@ -114,7 +114,8 @@ class ResNet(nn.Module):
         a backbone; no head parameters are created.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
       param_dtype: parameter storage dtype.
-      pyconv_lowering: lowering of grouped pyramid levels (``"auto"``, ``"grouped"``, ``"dense"``).
+      pyconv_lowering: lowering of every spatial conv (``"auto"``, ``"grouped"``, ``"dense"``,
+        ``"split"``; :mod:`pyconv_jax.layers.lowering`).
       remat: recompute each block's activations in the backward pass to save memory.
       bn_momentum / bn_epsilon: BatchNorm settings equal to PyTorch's defaults (0.1, 1e-5).
     """
@@ -185,11 +186,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
         x = jnp.asarray(x, self.dtype)
-        # A plain conv on every backend: the images need no gradient, so the CPU's space-to-depth
-        # rewrite (cheaper strided backward pass, more forward MACs) would only cost here.
         x = PyConv(
             self.stem_width, (7,), (1,), strides=2, dtype=self.dtype,
-            param_dtype=self.param_dtype, lowering="grouped", name="conv1",
+            param_dtype=self.param_dtype, lowering=self.pyconv_lowering, name="conv1",
         )(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,

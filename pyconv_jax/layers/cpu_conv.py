@@ -1,0 +1,166 @@
+"""A convolution with a backward pass that is fast on XLA:CPU.
+
+XLA:CPU runs two parts of a convolution's backward pass far below the forward pass's speed
+(float32, batch 16, 2 cores; docs/benchmarks.md):
+
+- **The weight gradient.** XLA computes it as one convolution that contracts over every batch
+  position at once. For a 3x3, 64->64 conv at 56x56 that takes 101 ms, against 27 ms forward, and
+  477 ms at 112x112. The gradient is a sum over batch positions, so :func:`sliced_weight_grad`
+  adds it up slice by slice: a few whole images, or a band of rows of one image, sized to the
+  cache (:data:`SLICE_BYTES`). The same two convs then take 38 ms and 110 ms.
+- **The input gradient of a stride-2 conv.** XLA computes it as a convolution over a
+  zero-dilated gradient: 94 ms for a 3x3, 64->16 conv at 112x112, against 37 ms forward. The
+  same conv written as a stride-1 conv over a space-to-depth input (:func:`space_to_depth_conv`)
+  has a stride-1 input gradient: 18 ms.
+
+:func:`conv` is ``lax.conv_general_dilated`` (NHWC/HWIO, explicit padding, one feature group)
+with this backward pass. Its results differ from XLA's only in the order of float sums.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+#: Bytes of a slice's input, and of its output gradient. Measured on XLA:CPU (2 cores, 2 MiB of
+#: L2 each) over 3x3 convs of 16 to 256 channels at 56x56 and 112x112: slices whose input and
+#: output gradient are both at most 1.6 MB run 2-4x faster than the whole batch; at 3.2 MB they
+#: are as slow as it (docs/benchmarks.md).
+SLICE_BYTES = 2 << 20
+
+#: Convs with fewer outputs than this keep XLA's whole-batch weight gradient: it is fast for
+#: them (3x3, 64->16 at 16x56x56: 15 ms whole, 48 ms one image at a time), as for the narrow
+#: per-chunk convs of the ``split`` pyramid levels.
+SLICE_MIN_FEATURES = 32
+
+#: At most this many slices per gradient: the slices are unrolled in the program (XLA:CPU runs a
+#: conv inside a loop very slowly), so their count bounds the compile time. Larger batches get
+#: larger slices.
+MAX_SLICES = 32
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _conv(x, kernel, strides, padding, dilation=(1, 1)):
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=DIMENSION_NUMBERS)
+
+
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A stride-2 conv of odd square ``kernel`` (padding ``k // 2``) as a stride-1 conv.
+
+    Each 2x2 block of pixels becomes one pixel with 4x the channels, and the kernel is rearranged
+    to match (tap ``a = 2 q + r + k // 2`` of the original lands at block offset ``q``, pixel
+    ``r``), so the result equals the strided conv's while XLA differentiates a stride-1 conv.
+    """
+    k, _, c, out = kernel.shape
+    p = k // 2
+    n, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))  # zeros, as the conv's own padding
+    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    x = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, 4 * c)
+    first, last = -((p + 1) // 2), p // 2  # block offsets q the kernel reaches
+    taps = last - first + 1
+    lead = -(2 * first + p)  # 0 or 1 zero taps in front, so that taps pair up as (q, r)
+    kernel = jnp.pad(kernel, ((lead, 2 * taps - k - lead),) * 2 + ((0, 0), (0, 0)))
+    kernel = kernel.reshape(taps, 2, taps, 2, c, out).transpose(0, 2, 1, 3, 4, 5)
+    return _conv(x, kernel.reshape(taps, taps, 4 * c, out), (1, 1),
+                 ((-first, last), (-first, last)))
+
+
+def is_space_to_depth_conv(kernel_shape, strides, padding, dilation) -> bool:
+    """Whether :func:`space_to_depth_conv` computes this conv: stride 2, odd square kernel,
+    padding ``k // 2`` on every side, no dilation."""
+    k = kernel_shape[0]
+    return (tuple(strides) == (2, 2) and tuple(dilation) == (1, 1) and k % 2 == 1
+            and kernel_shape[1] == k and tuple(map(tuple, padding)) == ((k // 2, k // 2),) * 2)
+
+
+def weight_grad_slices(x_shape: tuple[int, ...], dy_shape: tuple[int, ...], itemsize: int,
+                       slice_bytes: int | None = None) -> tuple[int, int]:
+    """How :func:`sliced_weight_grad` cuts the batch: ``(images per slice, output rows per slice)``.
+
+    The whole batch when the conv has fewer than :data:`SLICE_MIN_FEATURES` outputs. Otherwise
+    whole images while one image's input and output gradient each fit ``slice_bytes``, else one
+    image at a time in bands of output rows. Never more than :data:`MAX_SLICES` slices.
+    """
+    slice_bytes = slice_bytes or SLICE_BYTES
+    n, h, w, c = x_shape
+    _, out_h, out_w, out_c = dy_shape
+    if out_c < SLICE_MIN_FEATURES:
+        return n, out_h
+    image_bytes = max(h * w * c, out_h * out_w * out_c) * itemsize
+    if image_bytes <= slice_bytes or n >= MAX_SLICES:
+        images = max(slice_bytes // image_bytes, math.ceil(n / MAX_SLICES))
+        return min(images, n), out_h
+    bands = min(math.ceil(image_bytes / slice_bytes), max(1, MAX_SLICES // n), out_h)
+    return 1, math.ceil(out_h / bands)
+
+
+def _xla_weight_grad(x, kernel, dy, strides, padding, dilation):
+    return jax.vjp(lambda k: _conv(x, k, strides, padding, dilation), kernel)[1](dy)[0]
+
+
+def sliced_weight_grad(x, kernel_shape, dy, strides, padding, dilation,
+                       slice_bytes: int | None = None):
+    """The gradient of ``sum(conv(x, kernel) * dy)`` in ``kernel``, as a sum over slices."""
+    n, out_height = dy.shape[0], dy.shape[1]
+    images, rows = weight_grad_slices(x.shape, dy.shape, x.dtype.itemsize, slice_bytes)
+    kernel = jnp.zeros(kernel_shape, x.dtype)  # only its shape and dtype are read
+    if rows == out_height:
+        return functools.reduce(jnp.add, (
+            _xla_weight_grad(x[i:i + images], kernel, dy[i:i + images], strides, padding,
+                             dilation) for i in range(0, n, images)))
+    # Bands of output rows: pad the height once, then give each band the input rows it reads.
+    (top, bottom), width_padding = padding
+    x = jnp.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (0, 0), (0, 0)))
+    x = x[:, max(-top, 0):x.shape[1] - max(-bottom, 0)]  # negative padding crops
+    reach = dilation[0] * (kernel_shape[0] - 1) + 1
+    grads = []
+    for i in range(n):
+        for r in range(0, out_height, rows):
+            end = min(r + rows, out_height)
+            band = x[i:i + 1, r * strides[0]:(end - 1) * strides[0] + reach]
+            grads.append(_xla_weight_grad(band, kernel, dy[i:i + 1, r:end], strides,
+                                          ((0, 0), width_padding), dilation))
+    return functools.reduce(jnp.add, grads)
+
+
+def input_grad(dy, kernel, x_shape, strides, padding, dilation):
+    """The gradient of ``sum(conv(x, kernel) * dy)`` in ``x``; stride 2 through space-to-depth."""
+    x = jnp.zeros(x_shape, dy.dtype)  # only its shape and dtype are read
+    if is_space_to_depth_conv(kernel.shape, strides, padding, dilation):
+        return jax.vjp(lambda x: space_to_depth_conv(x, kernel), x)[1](dy)[0]
+    return jax.vjp(lambda x: _conv(x, kernel, strides, padding, dilation), x)[1](dy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+         dilation: tuple[int, int] = (1, 1)) -> jax.Array:
+    """``lax.conv_general_dilated`` in NHWC/HWIO with the backward pass of this module.
+
+    ``padding`` is ``((top, bottom), (left, right))``.
+    """
+    return _conv(x, kernel, strides, padding, dilation)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation):
+    return _conv(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _conv_bwd(strides, padding, dilation, residuals, dy):
+    x, kernel = residuals
+    dx = input_grad(dy, kernel, x.shape, strides, padding, dilation)
+    dkernel = sliced_weight_grad(x, kernel.shape, dy, strides, padding, dilation)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+

@@ -1,0 +1,99 @@
+"""The CPU convolution's backward pass against XLA's own gradients, and its slicing policy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pyconv_jax.layers import cpu_conv
+
+
+def xla_conv(x, kernel, strides, padding, dilation):
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def assert_close(actual, expected, dtype=np.float32):
+    """Elementwise, relative to the largest magnitude (sums of many products cancel)."""
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = np.abs(expected).max()
+    assert scale > 0
+    tolerance = 1e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(actual / scale, expected / scale, atol=tolerance, rtol=0)
+
+
+CASES = [
+    # (x shape, kernel shape, strides, padding, dilation)
+    ((3, 9, 7, 4), (3, 3, 4, 32), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((3, 9, 7, 4), (3, 3, 4, 32), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # space-to-depth input grad
+    ((2, 10, 8, 3), (5, 5, 3, 40), (2, 2), ((2, 2), (2, 2)), (1, 1)),  # space-to-depth, even size
+    ((2, 11, 9, 6), (7, 7, 6, 32), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    ((2, 9, 9, 5), (4, 4, 5, 32), (2, 2), ((2, 1), (1, 2)), (1, 1)),  # even kernel, XLA's path
+    ((2, 12, 10, 4), (3, 3, 4, 36), (1, 1), ((2, 2), (2, 2)), (2, 2)),  # dilated
+    ((2, 9, 8, 4), (3, 3, 4, 32), (1, 2), ((-1, 2), (0, 1)), (1, 1)),  # negative, asymmetric
+    ((4, 8, 8, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # narrow: whole batch
+]
+
+
+SLICINGS = {  # (images, output rows) per slice, from (batch, output height)
+    "bands of 3 rows": lambda n, h: (1, 3),
+    "2 images": lambda n, h: (2, h),
+    "whole batch": lambda n, h: (n, h),
+}
+
+
+@pytest.mark.parametrize("slicing", SLICINGS)
+@pytest.mark.parametrize("x_shape,kernel_shape,strides,padding,dilation", CASES)
+def test_gradients_equal_xla(x_shape, kernel_shape, strides, padding, dilation, slicing,
+                             monkeypatch):
+    """Every slicing, including uneven last slices, gives XLA's gradients."""
+    monkeypatch.setattr(cpu_conv, "weight_grad_slices",
+                        lambda x_shape, dy_shape, *_: SLICINGS[slicing](dy_shape[0], dy_shape[1]))
+    rng = np.random.default_rng(sum(x_shape) + sum(kernel_shape))
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    y = xla_conv(x, kernel, strides, padding, dilation)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+
+    ours, vjp = jax.vjp(lambda x, k: cpu_conv.conv(x, k, strides, padding, dilation), x, kernel)
+    expected_dx, expected_dk = jax.vjp(
+        lambda x, k: xla_conv(x, k, strides, padding, dilation), x, kernel)[1](dy)
+    dx, dk = vjp(dy)
+    np.testing.assert_array_equal(ours, y)  # the forward pass is XLA's conv itself
+    assert_close(dx, expected_dx)
+    assert_close(dk, expected_dk)
+
+
+def test_bfloat16_gradients_keep_their_dtype():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 8, 32)), jnp.bfloat16)
+    args = ((2, 2), ((1, 1), (1, 1)), (1, 1))
+    dy = jnp.ones((2, 4, 4, 32), jnp.bfloat16)
+    dx, dk = jax.vjp(lambda x, k: cpu_conv.conv(x, k, *args), x, kernel)[1](dy)
+    expected_dx, expected_dk = jax.vjp(lambda x, k: xla_conv(x, k, *args), x, kernel)[1](dy)
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    assert_close(dx, expected_dx, np.float16)
+    assert_close(dk, expected_dk, np.float16)
+
+
+def test_slicing_policy():
+    slices = cpu_conv.weight_grad_slices
+    image_56 = (16, 56, 56, 64)  # 0.8 MB per image in float32: two images per slice
+    assert slices(image_56, image_56, 4) == (2, 56)
+    # Fewer than SLICE_MIN_FEATURES outputs: XLA's whole-batch gradient.
+    assert slices(image_56, (16, 56, 56, 16), 4) == (16, 56)
+    # 3.2 MB images: one image at a time, in two bands of rows (16 x 2 = MAX_SLICES).
+    assert slices((16, 112, 112, 64), (16, 112, 112, 64), 4) == (1, 56)
+    # The output gradient counts too: 64 -> 256 channels at 56x56 is 3.2 MB out per image.
+    assert slices(image_56, (16, 56, 56, 256), 4) == (1, 28)
+    # Big batches: never more than MAX_SLICES slices, so larger ones.
+    for n in (33, 64, 256):
+        images, rows = slices((n, 56, 56, 64), (n, 56, 56, 64), 4)
+        assert rows == 56 and math.ceil(n / images) <= cpu_conv.MAX_SLICES
+    images, rows = slices((4, 224, 224, 64), (4, 224, 224, 64), 4)
+    assert images == 1 and 4 * math.ceil(224 / rows) <= cpu_conv.MAX_SLICES
