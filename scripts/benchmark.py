@@ -23,7 +23,7 @@ flags.DEFINE_list("models", ["pyconvresnet50", "resnet50"], "Registered model na
 flags.DEFINE_integer("batch_size", 16, "Batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input resolution.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype (float32, bfloat16).")
-flags.DEFINE_list("lowerings", ["auto"], "PyConv lowerings to measure (auto, grouped, dense).")
+flags.DEFINE_list("lowerings", ["auto"], "Conv lowerings to measure (auto, grouped, dense, split).")
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
 flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")

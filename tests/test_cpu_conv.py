@@ -97,3 +97,23 @@ def test_slicing_policy():
         assert rows == 56 and math.ceil(n / images) <= cpu_conv.MAX_SLICES
     images, rows = slices((4, 224, 224, 64), (4, 224, 224, 64), 4)
     assert images == 1 and 4 * math.ceil(224 / rows) <= cpu_conv.MAX_SLICES
+
+
+def test_forward_mode_needs_the_grouped_lowering():
+    """The CPU backward pass is a custom VJP: reverse mode only. ``grouped`` is XLA's own conv,
+    the documented way to get forward-mode derivatives, and they equal the reverse-mode ones."""
+    from pyconv_jax.layers import PyConv
+
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 16))
+    tangent = jax.random.normal(jax.random.key(1), x.shape)
+    layers = {lowering: PyConv(32, (3, 5), (1, 4), lowering=lowering)
+              for lowering in ("grouped", "split")}
+    variables = layers["split"].init(jax.random.key(2), x)
+    _, forward = jax.jvp(lambda x: layers["grouped"].apply(variables, x), (x,), (tangent,))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: layers["split"].apply(variables, x), (x,), (tangent,))
+    # <cotangent, J tangent> = <J^T cotangent, tangent>, with J^T from the CPU backward pass.
+    cotangent = jax.random.normal(jax.random.key(3), forward.shape)
+    _, vjp = jax.vjp(lambda x: layers["split"].apply(variables, x), x)
+    np.testing.assert_allclose(jnp.vdot(cotangent, forward), jnp.vdot(vjp(cotangent)[0], tangent),
+                               rtol=1e-4)
