@@ -98,13 +98,10 @@ def grouped_conv(
         lowering = "dense"
     kh, kw = kernel.shape[:2]
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
-    if lowering == "grouped":
-        return lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=padding, rhs_dilation=(dilation, dilation),
-            dimension_numbers=cpu_conv.DIMENSION_NUMBERS, feature_group_count=groups)
-    kernel = block_diagonal_kernel(kernel, groups)
-    if jax.default_backend() == "cpu":
-        return cpu_conv.conv(x, kernel, tuple(strides), padding, (dilation, dilation))
+    if lowering == "dense":
+        kernel, groups = block_diagonal_kernel(kernel, groups), 1
+        if jax.default_backend() == "cpu":
+            return cpu_conv.conv(x, kernel, tuple(strides), padding, (dilation, dilation))
     return lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=(dilation, dilation),
-        dimension_numbers=cpu_conv.DIMENSION_NUMBERS)
+        dimension_numbers=cpu_conv.DIMENSION_NUMBERS, feature_group_count=groups)
