@@ -91,10 +91,12 @@ def test_slicing_policy():
     assert slices((16, 112, 112, 64), (16, 112, 112, 64), 4) == (1, 56)
     # The output gradient counts too: 64 -> 256 channels at 56x56 is 3.2 MB out per image.
     assert slices(image_56, (16, 56, 56, 256), 4) == (1, 28)
-    # Big batches: never more than MAX_SLICES slices, so larger ones.
-    for n in (33, 64, 256):
+    # Equal slices: 0.4 MB images fit 5 to a slice, but 16 = 4 x 4.
+    assert slices((16, 28, 28, 128), (16, 28, 28, 32), 4) == (4, 28)
+    # Big batches: never more than MAX_SLICES slices, so larger ones, still equal.
+    for n in (33, 37, 64, 256):
         images, rows = slices((n, 56, 56, 64), (n, 56, 56, 64), 4)
-        assert rows == 56 and math.ceil(n / images) <= cpu_conv.MAX_SLICES
+        assert rows == 56 and n % images == 0 and n // images <= cpu_conv.MAX_SLICES
     images, rows = slices((4, 224, 224, 64), (4, 224, 224, 64), 4)
     assert images == 1 and 4 * math.ceil(224 / rows) <= cpu_conv.MAX_SLICES
 

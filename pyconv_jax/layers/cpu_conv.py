@@ -88,8 +88,9 @@ def weight_grad_slices(x_shape: tuple[int, ...], dy_shape: tuple[int, ...], item
     """How :func:`sliced_weight_grad` cuts the batch: ``(images per slice, output rows per slice)``.
 
     The whole batch when the conv has fewer than :data:`SLICE_MIN_FEATURES` outputs. Otherwise
-    whole images while one image's input and output gradient each fit ``slice_bytes``, else one
-    image at a time in bands of output rows. Never more than :data:`MAX_SLICES` slices.
+    equal slices of whole images (a divisor of the batch) whose input and output gradient each fit
+    ``slice_bytes``, else one image at a time in bands of output rows. Never more than
+    :data:`MAX_SLICES` slices.
     """
     slice_bytes = slice_bytes or SLICE_BYTES
     n, h, w, c = x_shape
@@ -98,8 +99,12 @@ def weight_grad_slices(x_shape: tuple[int, ...], dy_shape: tuple[int, ...], item
         return n, out_h
     image_bytes = max(h * w * c, out_h * out_w * out_c) * itemsize
     if image_bytes <= slice_bytes or n >= MAX_SLICES:
-        images = max(slice_bytes // image_bytes, math.ceil(n / MAX_SLICES))
-        return min(images, n), out_h
+        # Equal slices: a short last slice (5 + 5 + 5 + 1 images) measured 3x slower than 4 x 4.
+        fewest = math.ceil(n / MAX_SLICES)
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        fitting = [d for d in divisors if d <= max(slice_bytes // image_bytes, fewest)]
+        images = fitting[-1] if fitting[-1] >= fewest else min(d for d in divisors if d >= fewest)
+        return images, out_h
     bands = min(math.ceil(image_bytes / slice_bytes), max(1, MAX_SLICES // n), out_h)
     return 1, math.ceil(out_h / bands)
 
