@@ -1,6 +1,5 @@
 """Shared test helpers and fixtures."""
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -46,18 +45,9 @@ def tiny_run(tmp_path_factory):
     Shared by the training and fault tests as the reference that interrupted runs must equal.
     """
     from pyconv_jax.train import train_and_evaluate
-    from tests.train_helpers import load_config
+    from tests.train_helpers import compile_log, load_config
 
     workdir = str(tmp_path_factory.mktemp("run") / "a")
-    records = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Grab()
-    logging.getLogger("jax").addHandler(handler)
-    with jax.log_compiles(True):
+    with compile_log() as records:
         metrics = train_and_evaluate(load_config(), workdir)
-    logging.getLogger("jax").removeHandler(handler)
     return workdir, metrics, records

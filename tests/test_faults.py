@@ -12,13 +12,12 @@ import shutil
 import signal
 import time
 
-import jax
 import pytest
 
 from pyconv_jax import checkpoint as ckpt
 from pyconv_jax.train import train_and_evaluate
-from tests.train_helpers import (assert_trees_equal, final_params, free_port, load_config,
-                                 params_at, run_script)
+from tests.train_helpers import (assert_trees_equal, compile_log, final_params, free_port,
+                                 load_config, params_at, run_script)
 
 
 def saved_steps(workdir):
@@ -157,19 +156,8 @@ def test_bad_configs_fail_before_compiling_and_write_nothing(tmp_path, change, e
             config.model_kwargs[key.split(".")[1]] = value
         else:
             config[key] = value
-    records = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Grab()
-    logging.getLogger("jax").addHandler(handler)
-    try:
-        with jax.log_compiles(True), pytest.raises(error) as raised:
-            train_and_evaluate(config, str(workdir))
-    finally:
-        logging.getLogger("jax").removeHandler(handler)
+    with compile_log() as records, pytest.raises(error) as raised:
+        train_and_evaluate(config, str(workdir))
     assert message in str(raised.value) and "\n" not in str(raised.value)
     assert not [r for r in records if "train_step" in r and r.startswith("Compiling")]
     assert not glob.glob(os.path.join(str(workdir), "checkpoints", "*"))

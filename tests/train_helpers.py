@@ -1,6 +1,8 @@
 """Helpers shared by the training and fault tests: the tiny config, subprocess runs, parameters."""
 
+import contextlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -71,3 +73,21 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def compile_log():
+    """Collects JAX's compile messages (``jax.log_compiles``) into the yielded list."""
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Grab()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield records
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
