@@ -1,4 +1,4 @@
-"""The CPU convolution's backward pass against XLA's own gradients, and its slicing policy."""
+"""The CPU convolution against XLA's own conv and gradients, and its slicing policies."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from pyconv_jax.layers import cpu_conv
+from pyconv_jax.layers import cpu_conv, lowering
 
 
 def xla_conv(x, kernel, strides, padding, dilation):
@@ -63,7 +63,7 @@ def test_gradients_equal_xla(x_shape, kernel_shape, strides, padding, dilation, 
     expected_dx, expected_dk = jax.vjp(
         lambda x, k: xla_conv(x, k, strides, padding, dilation), x, kernel)[1](dy)
     dx, dk = vjp(dy)
-    np.testing.assert_array_equal(ours, y)  # the forward pass is XLA's conv itself
+    assert_close(ours, y)  # batch slices of XLA's conv (all CASES have < 128 outputs)
     assert_close(dx, expected_dx)
     assert_close(dk, expected_dk)
 
@@ -79,6 +79,42 @@ def test_bfloat16_gradients_keep_their_dtype():
     assert dx.dtype == dk.dtype == jnp.bfloat16
     assert_close(dx, expected_dx, np.float16)
     assert_close(dk, expected_dk, np.float16)
+
+
+@pytest.mark.parametrize("batch,out_features", [(16, 16), (12, 64), (5, 32), (16, 128)])
+def test_forward_equals_xla(batch, out_features):
+    """Narrow convs run as batch slices (16 -> 16, 12 -> 12, 5 -> 5); wide ones whole."""
+    rng = np.random.default_rng(batch + out_features)
+    x = jnp.asarray(rng.normal(size=(batch, 9, 7, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(5, 5, 8, out_features)), jnp.float32)
+    args = ((2, 1), ((2, 2), (1, 3)), (1, 1))
+    ours = jax.jit(lambda x, k: cpu_conv.conv(x, k, *args))(x, kernel)
+    assert_close(ours, xla_conv(x, kernel, *args))
+
+
+def test_forward_slicing_policy():
+    slices = cpu_conv.forward_slices
+    # Fewer than 128 outputs: the fewest equal slices above XLA's split threshold of 8 ready ops.
+    assert slices(16, 16) == 16 and slices(16, 64) == 16 and slices(18, 64) == 9
+    assert slices(256, 64) == 16 and slices(36, 8) == 9
+    # Batches without such a divisor: one image per slice.
+    assert slices(8, 16) == 8 and slices(7, 16) == 7 and slices(1, 16) == 1
+    # More than 8 sibling convs (the chunks of a split level) already run on every core.
+    assert slices(16, 16, siblings=2) == 16 and slices(16, 16, siblings=8) == 16
+    assert slices(16, 32, siblings=9) == 1 and slices(16, 32, siblings=32) == 1
+    # YNNPACK already runs convs with 128 or more outputs on every core.
+    assert slices(16, 128) == 1 and slices(256, 2048) == 1
+
+
+def test_split_levels_pass_their_chunk_count(monkeypatch):
+    """The chunks of a split level are siblings: 9x9 with 16 groups over 64 channels -> 2."""
+    seen = []
+    real = cpu_conv.forward_slices
+    monkeypatch.setattr(cpu_conv, "forward_slices",
+                        lambda b, o, siblings=1: seen.append(siblings) or real(b, o, siblings))
+    x = jnp.ones((2, 8, 8, 64), jnp.float32)
+    y = lowering.grouped_conv(x, jnp.ones((9, 9, 4, 16)), groups=16, lowering="split")
+    assert y.shape == (2, 8, 8, 16) and seen == [2, 2]
 
 
 def test_slicing_policy():

@@ -1,8 +1,14 @@
-"""A convolution with a backward pass that is fast on XLA:CPU.
+"""A convolution that keeps both cores of XLA:CPU busy, forward and backward.
 
-XLA:CPU runs two parts of a convolution's backward pass far below the forward pass's speed
-(float32, batch 16, 2 cores; docs/benchmarks.md):
+Three parts of a convolution run far below the hardware's speed on XLA:CPU (float32, batch 16,
+2 cores; docs/benchmarks.md):
 
+- **Narrow forward convs.** YNNPACK (this jaxlib's conv library) splits a conv over threads by
+  tiles of 64 output channels, so a conv with fewer than :data:`PARALLEL_MIN_FEATURES` outputs
+  runs on one core: every pyramid level of PyConvResNet's first two stages, and the stem. XLA's
+  runtime runs independent ops side by side only when more than :data:`READY_SPLIT_THRESHOLD` are
+  ready at once, so :func:`conv` computes such a conv as :func:`forward_slices` slices of the
+  batch: a PyConvResNet-50 stage-1 PyConv then takes 37 ms instead of 63 ms.
 - **The weight gradient.** XLA computes it as one convolution that contracts over every batch
   position at once. For a 3x3, 64->64 conv at 56x56 that takes 101 ms, against 27 ms forward, and
   477 ms at 112x112. The gradient is a sum over batch positions, so :func:`sliced_weight_grad`
@@ -14,7 +20,7 @@ XLA:CPU runs two parts of a convolution's backward pass far below the forward pa
   has a stride-1 input gradient: 18 ms.
 
 :func:`conv` is ``lax.conv_general_dilated`` (NHWC/HWIO, explicit padding, one feature group)
-with this backward pass. Its results differ from XLA's only in the order of float sums.
+computed this way. Its results differ from XLA's only in the order of float sums.
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ import jax.numpy as jnp
 from jax import lax
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+#: YNNPACK gives each thread a tile of 64 output channels: measured over 3x3 to 9x9 convs at
+#: 28x28 and 56x56, convs with 16 to 64 outputs run at one core's speed (~150 GFLOP/s) on 1 or 2
+#: cores, and 128 outputs at two cores' (~290 GFLOP/s).
+PARALLEL_MIN_FEATURES = 128
+
+#: XLA:CPU's runtime hands ready ops to a second thread only when more than this many are ready
+#: at once (``ExecuteSession::kSplitThreshold`` in ``xla/backends/cpu/runtime/thunk.h``): 8
+#: independent one-core convs took 8x one conv's time, and 16 took 8x as well (two at a time).
+READY_SPLIT_THRESHOLD = 8
 
 #: Bytes of a slice's input, and of its output gradient. Measured on XLA:CPU (2 cores, 2 MiB of
 #: L2 each) over 3x3 convs of 16 to 256 channels at 56x56 and 112x112: slices whose input and
@@ -81,6 +97,31 @@ def is_space_to_depth_conv(kernel_shape, strides, padding, dilation) -> bool:
     k = kernel_shape[0]
     return (tuple(strides) == (2, 2) and tuple(dilation) == (1, 1) and k % 2 == 1
             and kernel_shape[1] == k and tuple(map(tuple, padding)) == ((k // 2, k // 2),) * 2)
+
+
+def forward_slices(batch: int, out_features: int, siblings: int = 1) -> int:
+    """How many equal batch slices :func:`conv` computes its forward pass in.
+
+    One for convs that already use every core: those YNNPACK spreads over threads
+    (:data:`PARALLEL_MIN_FEATURES` outputs or more), and those with more than
+    :data:`READY_SPLIT_THRESHOLD` ``siblings`` (independent convs of one input, such as the
+    chunks of a ``split`` level, whose inputs are then ready at once). Otherwise the fewest slices
+    that exceed the threshold, or one image per slice for a batch too small for that (measured at
+    batch 8: PyConvResNet-50 inference 429 -> 393 ms).
+    """
+    if out_features >= PARALLEL_MIN_FEATURES or siblings > READY_SPLIT_THRESHOLD:
+        return 1
+    return min((d for d in range(READY_SPLIT_THRESHOLD + 1, batch + 1) if batch % d == 0),
+               default=batch)
+
+
+def _forward_conv(x, kernel, strides, padding, dilation, siblings):
+    n = x.shape[0]
+    images = n // forward_slices(n, kernel.shape[-1], siblings)
+    if images == n:
+        return _conv(x, kernel, strides, padding, dilation)
+    return jnp.concatenate([_conv(x[i:i + images], kernel, strides, padding, dilation)
+                            for i in range(0, n, images)])
 
 
 def weight_grad_slices(x_shape: tuple[int, ...], dy_shape: tuple[int, ...], itemsize: int,
@@ -146,21 +187,23 @@ def input_grad(dy, kernel, x_shape, strides, padding, dilation):
     return jax.vjp(lambda x: _conv(x, kernel, strides, padding, dilation), x)[1](dy)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
-         dilation: tuple[int, int] = (1, 1)) -> jax.Array:
-    """``lax.conv_general_dilated`` in NHWC/HWIO with the backward pass of this module.
+         dilation: tuple[int, int] = (1, 1), siblings: int = 1) -> jax.Array:
+    """``lax.conv_general_dilated`` in NHWC/HWIO, forward and backward as this module describes.
 
-    ``padding`` is ``((top, bottom), (left, right))``.
+    ``padding`` is ``((top, bottom), (left, right))``. ``siblings`` counts the independent convs
+    of the same input that the caller runs alongside this one, this one included
+    (:func:`forward_slices`).
     """
-    return _conv(x, kernel, strides, padding, dilation)
+    return _forward_conv(x, kernel, strides, padding, dilation, siblings)
 
 
-def _conv_fwd(x, kernel, strides, padding, dilation):
-    return _conv(x, kernel, strides, padding, dilation), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, dilation, siblings):
+    return _forward_conv(x, kernel, strides, padding, dilation, siblings), (x, kernel)
 
 
-def _conv_bwd(strides, padding, dilation, residuals, dy):
+def _conv_bwd(strides, padding, dilation, siblings, residuals, dy):
     x, kernel = residuals
     dx = input_grad(dy, kernel, x.shape, strides, padding, dilation)
     dkernel = sliced_weight_grad(x, kernel.shape, dy, strides, padding, dilation)

@@ -10,9 +10,9 @@
   form's fast kernels while cutting its wasted MACs by the chunk count; measured 1.3-5.6x faster
   than ``dense`` forward+backward on the PyConvResNet levels (docs/benchmarks.md).
 
-On CPU, ``dense`` and ``split`` convs go through :func:`pyconv_jax.layers.cpu_conv.conv`, whose
-backward pass avoids XLA:CPU's slow weight and strided input gradients (a ``custom_vjp``: reverse
-mode only). ``grouped`` is always XLA's own conv, so it is the lowering to pick for forward-mode
+On CPU, ``dense`` and ``split`` convs go through :func:`pyconv_jax.layers.cpu_conv.conv`, which
+runs narrow convs as batch slices so that XLA:CPU uses every core, and whose backward pass avoids
+XLA:CPU's slow weight and strided input gradients (a ``custom_vjp``: reverse mode only). ``grouped`` is always XLA's own conv, so it is the lowering to pick for forward-mode
 differentiation (``jax.jvp``, ``jax.jacfwd``).
 
 Every lowering computes the same function (up to float rounding); the choice is a speed decision
@@ -80,10 +80,12 @@ def grouped_conv(
     strides: tuple[int, int] = (1, 1),
     dilation: int = 1,
     lowering: str = "auto",
+    siblings: int = 1,
 ) -> jax.Array:
     """Convolves ``x`` ``[N, H, W, C]`` with a grouped HWIO ``kernel`` ``[k, k, C/g, O]``.
 
     Padding is symmetric, ``dilation * (k - 1) // 2`` per side, as PyTorch's ``padding=k//2``.
+    ``siblings``: how many independent convs (this one included) the CPU conv runs alongside.
     """
     check_lowering(lowering)
     if lowering == "auto":
@@ -94,14 +96,15 @@ def grouped_conv(
             parts = zip(jnp.split(x, chunks, axis=-1), jnp.split(kernel, chunks, axis=-1))
             return jnp.concatenate([
                 grouped_conv(xc, kc, groups=groups // chunks, strides=strides, dilation=dilation,
-                             lowering="dense") for xc, kc in parts], axis=-1)
+                             lowering="dense", siblings=chunks) for xc, kc in parts], axis=-1)
         lowering = "dense"
     kh, kw = kernel.shape[:2]
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
     if lowering == "dense":
         kernel, groups = block_diagonal_kernel(kernel, groups), 1
         if jax.default_backend() == "cpu":
-            return cpu_conv.conv(x, kernel, tuple(strides), padding, (dilation, dilation))
+            return cpu_conv.conv(x, kernel, tuple(strides), padding, (dilation, dilation),
+                                 siblings)
     return lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=(dilation, dilation),
         dimension_numbers=cpu_conv.DIMENSION_NUMBERS, feature_group_count=groups)
