@@ -81,14 +81,20 @@ def test_bfloat16_gradients_keep_their_dtype():
     assert_close(dk, expected_dk, np.float16)
 
 
-@pytest.mark.parametrize("batch,out_features", [(16, 16), (12, 64), (5, 32), (16, 128)])
-def test_forward_equals_xla(batch, out_features):
-    """Narrow convs run as batch slices (16 -> 16, 12 -> 12, 5 -> 5); wide ones whole."""
+@pytest.mark.parametrize("batch,out_features,slices", [
+    (16, 16, 16), (12, 64, 12), (5, 32, 5), (16, 128, 1)])
+def test_forward_equals_xla(batch, out_features, slices, monkeypatch):
+    """Narrow convs run as batch slices, wide ones whole; either way they are XLA's conv."""
+    calls = []
+    real = cpu_conv.forward_slices
+    monkeypatch.setattr(cpu_conv, "forward_slices",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
     rng = np.random.default_rng(batch + out_features)
-    x = jnp.asarray(rng.normal(size=(batch, 9, 7, 8)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(5, 5, 8, out_features)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(batch, 56, 30, 2)), jnp.float32)  # 28x30 outputs
+    kernel = jnp.asarray(rng.normal(size=(5, 5, 2, out_features)), jnp.float32)
     args = ((2, 1), ((2, 2), (1, 3)), (1, 1))
     ours = jax.jit(lambda x, k: cpu_conv.conv(x, k, *args))(x, kernel)
+    assert calls == [slices]
     assert_close(ours, xla_conv(x, kernel, *args))
 
 
@@ -104,6 +110,8 @@ def test_forward_slicing_policy():
     assert slices(16, 32, siblings=9) == 1 and slices(16, 32, siblings=32) == 1
     # YNNPACK already runs convs with 128 or more outputs on every core.
     assert slices(16, 128) == 1 and slices(256, 2048) == 1
+    # Outputs under 28x28 per image stay whole.
+    assert slices(16, 16, out_pixels=27 * 28) == 1 and slices(16, 16, out_pixels=112 * 112) == 16
 
 
 def test_split_levels_pass_their_chunk_count(monkeypatch):
@@ -111,7 +119,7 @@ def test_split_levels_pass_their_chunk_count(monkeypatch):
     seen = []
     real = cpu_conv.forward_slices
     monkeypatch.setattr(cpu_conv, "forward_slices",
-                        lambda b, o, siblings=1: seen.append(siblings) or real(b, o, siblings))
+                        lambda b, o, siblings, *a: seen.append(siblings) or real(b, o, siblings, *a))
     x = jnp.ones((2, 8, 8, 64), jnp.float32)
     y = lowering.grouped_conv(x, jnp.ones((9, 9, 4, 16)), groups=16, lowering="split")
     assert y.shape == (2, 8, 8, 16) and seen == [2, 2]

@@ -44,6 +44,11 @@ PARALLEL_MIN_FEATURES = 128
 #: independent one-core convs took 8x one conv's time, and 16 took 8x as well (two at a time).
 READY_SPLIT_THRESHOLD = 8
 
+#: Narrow convs are sliced only when each image's output has at least this many pixels (28x28):
+#: at 224x224 that is PyConvResNet's first two stages and the stem, where slicing was measured to
+#: pay; the 14x14 stage gained 1 ms of 14, and on small images slices only add compile time.
+SLICE_MIN_PIXELS = 28 * 28
+
 #: Bytes of a slice's input, and of its output gradient. Measured on XLA:CPU (2 cores, 2 MiB of
 #: L2 each) over 3x3 convs of 16 to 256 channels at 56x56 and 112x112: slices whose input and
 #: output gradient are both at most 1.6 MB run 2-4x faster than the whole batch; at 3.2 MB they
@@ -99,17 +104,20 @@ def is_space_to_depth_conv(kernel_shape, strides, padding, dilation) -> bool:
             and kernel_shape[1] == k and tuple(map(tuple, padding)) == ((k // 2, k // 2),) * 2)
 
 
-def forward_slices(batch: int, out_features: int, siblings: int = 1) -> int:
+def forward_slices(batch: int, out_features: int, siblings: int = 1,
+                   out_pixels: int = SLICE_MIN_PIXELS) -> int:
     """How many equal batch slices :func:`conv` computes its forward pass in.
 
     One for convs that already use every core: those YNNPACK spreads over threads
     (:data:`PARALLEL_MIN_FEATURES` outputs or more), and those with more than
     :data:`READY_SPLIT_THRESHOLD` ``siblings`` (independent convs of one input, such as the
-    chunks of a ``split`` level, whose inputs are then ready at once). Otherwise the fewest slices
+    chunks of a ``split`` level, whose inputs are then ready at once); one as well for outputs of
+    fewer than :data:`SLICE_MIN_PIXELS` ``out_pixels`` per image. Otherwise the fewest slices
     that exceed the threshold, or one image per slice for a batch too small for that (measured at
     batch 8: PyConvResNet-50 inference 429 -> 393 ms).
     """
-    if out_features >= PARALLEL_MIN_FEATURES or siblings > READY_SPLIT_THRESHOLD:
+    if (out_features >= PARALLEL_MIN_FEATURES or siblings > READY_SPLIT_THRESHOLD
+            or out_pixels < SLICE_MIN_PIXELS):
         return 1
     return min((d for d in range(READY_SPLIT_THRESHOLD + 1, batch + 1) if batch % d == 0),
                default=batch)
@@ -117,7 +125,8 @@ def forward_slices(batch: int, out_features: int, siblings: int = 1) -> int:
 
 def _forward_conv(x, kernel, strides, padding, dilation, siblings):
     n = x.shape[0]
-    images = n // forward_slices(n, kernel.shape[-1], siblings)
+    out_shape = jax.eval_shape(lambda x: _conv(x[:1], kernel, strides, padding, dilation), x).shape
+    images = n // forward_slices(n, kernel.shape[-1], siblings, out_shape[1] * out_shape[2])
     if images == n:
         return _conv(x, kernel, strides, padding, dilation)
     return jnp.concatenate([_conv(x[i:i + images], kernel, strides, padding, dilation)
