@@ -63,7 +63,7 @@ def test_gradients_equal_xla(x_shape, kernel_shape, strides, padding, dilation, 
     expected_dx, expected_dk = jax.vjp(
         lambda x, k: xla_conv(x, k, strides, padding, dilation), x, kernel)[1](dy)
     dx, dk = vjp(dy)
-    assert_close(ours, y)  # batch slices of XLA's conv (all CASES have < 128 outputs)
+    np.testing.assert_array_equal(ours, y)  # XLA's conv itself: outputs too small to slice
     assert_close(dx, expected_dx)
     assert_close(dk, expected_dk)
 
@@ -119,7 +119,8 @@ def test_split_levels_pass_their_chunk_count(monkeypatch):
     seen = []
     real = cpu_conv.forward_slices
     monkeypatch.setattr(cpu_conv, "forward_slices",
-                        lambda b, o, siblings, *a: seen.append(siblings) or real(b, o, siblings, *a))
+                        lambda b, o, siblings, *a: seen.append(siblings) or real(b, o, siblings,
+                                                                                 *a))
     x = jnp.ones((2, 8, 8, 64), jnp.float32)
     y = lowering.grouped_conv(x, jnp.ones((9, 9, 4, 16)), groups=16, lowering="split")
     assert y.shape == (2, 8, 8, 16) and seen == [2, 2]

@@ -12,7 +12,8 @@
 
 On CPU, ``dense`` and ``split`` convs go through :func:`pyconv_jax.layers.cpu_conv.conv`, which
 runs narrow convs as batch slices so that XLA:CPU uses every core, and whose backward pass avoids
-XLA:CPU's slow weight and strided input gradients (a ``custom_vjp``: reverse mode only). ``grouped`` is always XLA's own conv, so it is the lowering to pick for forward-mode
+XLA:CPU's slow weight and strided input gradients (a ``custom_vjp``: reverse mode only).
+``grouped`` is always XLA's own conv, so it is the lowering to pick for forward-mode
 differentiation (``jax.jvp``, ``jax.jacfwd``).
 
 Every lowering computes the same function (up to float rounding); the choice is a speed decision
