@@ -118,9 +118,12 @@ def test_split_levels_pass_their_chunk_count(monkeypatch):
     """The chunks of a split level are siblings: 9x9 with 16 groups over 64 channels -> 2."""
     seen = []
     real = cpu_conv.forward_slices
-    monkeypatch.setattr(cpu_conv, "forward_slices",
-                        lambda b, o, siblings, *a: seen.append(siblings) or real(b, o, siblings,
-                                                                                 *a))
+
+    def spy(batch, out_features, siblings, *rest):
+        seen.append(siblings)
+        return real(batch, out_features, siblings, *rest)
+
+    monkeypatch.setattr(cpu_conv, "forward_slices", spy)
     x = jnp.ones((2, 8, 8, 64), jnp.float32)
     y = lowering.grouped_conv(x, jnp.ones((9, 9, 4, 16)), groups=16, lowering="split")
     assert y.shape == (2, 8, 8, 16) and seen == [2, 2]
