@@ -11,11 +11,15 @@ import os
 import sys
 import tempfile
 
-import jax
-from absl import app, flags
-
 # The PyTorch reference models live in tests/ (they are the tests' independent reference).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyconv_jax.host import reexec_with_huge_pages  # noqa: E402
+
+reexec_with_huge_pages()  # before the heavy imports: it restarts the interpreter on Linux
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from pyconv_jax import benchmark  # noqa: E402
 
@@ -103,6 +107,7 @@ def main(argv):
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump({"backend": jax.default_backend(),
+                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                        "results": [dataclasses.asdict(r) for r in results], "levels": levels,
                        "memory": memory, "input_pipeline": pipeline}, f, indent=1)
 

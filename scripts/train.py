@@ -10,12 +10,16 @@ with --coordinator_address/--num_processes/--process_id where auto-detection doe
 import logging
 import sys
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from pyconv_jax.host import reexec_with_huge_pages
 
-from pyconv_jax.train import train_and_evaluate
+reexec_with_huge_pages()  # before the heavy imports: it restarts the interpreter on Linux
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from pyconv_jax.train import train_and_evaluate  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (resumes if present).")
