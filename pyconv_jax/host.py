@@ -1,11 +1,11 @@
 """Host process settings that XLA:CPU runs faster with, applied by the scripts before JAX starts.
 
-XLA:CPU allocates an executable's temporary buffer afresh on every call: 2.4 GB for a
+XLA:CPU allocates an executable's temporary buffer afresh on every call: 2.5 GB for a
 PyConvResNet-50 train step at batch 16, 224x224. glibc maps an allocation that large straight
-from the kernel and unmaps it when freed, so every step faults in 600,000 zeroed 4 KiB pages,
+from the kernel and unmaps it when freed, so every step faults in 640,000 zeroed 4 KiB pages,
 about a second of CPU time (docs/benchmarks.md). With glibc's ``glibc.malloc.hugetlb=1`` tunable
-those mappings use transparent huge pages, 512 times fewer faults: the step took 3.2 s instead
-of 3.7 s. glibc reads its tunables only when a process starts, so :func:`reexec_with_huge_pages`
+those mappings use transparent huge pages, 50 times fewer faults: on 2 cores the step took
+3.25 s instead of 3.57 s (means of five runs). glibc reads its tunables only when a process starts, so :func:`reexec_with_huge_pages`
 restarts the interpreter in place (same process id, same arguments) with the tunable set.
 """
 
