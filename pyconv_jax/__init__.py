@@ -1,8 +1,28 @@
-"""pyconv-jax: Pyramidal Convolution networks (Duta et al., arXiv 2006.11538) in JAX/Flax."""
+"""pyconv-jax: Pyramidal Convolution networks (Duta et al., arXiv 2006.11538) in JAX/Flax.
 
-from pyconv_jax.models import create_model, get_spec, list_models
-from pyconv_jax.pretrained import load_pretrained
+The public names load their modules (and JAX) on first use, so that a script can import
+:mod:`pyconv_jax.host` and restart itself before paying for those imports.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "get_spec", "list_models", "load_pretrained"]
+_EXPORTS = {
+    "create_model": "pyconv_jax.models",
+    "get_spec": "pyconv_jax.models",
+    "list_models": "pyconv_jax.models",
+    "load_pretrained": "pyconv_jax.pretrained",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pyconv_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
