@@ -76,3 +76,14 @@ def test_restart_keeps_the_process_and_cuts_page_faults():
     assert tunables == "None" and lines[:1] == ["started"] and lines[1] != "started"
     if _huge_pages_available():  # 65,536 4 KiB pages, or 128 huge ones
         assert plain_faults > 60_000 and faults < plain_faults // 10
+
+
+def test_the_restart_comes_before_jax_is_imported():
+    """``pyconv_jax`` loads its public names lazily, so the restart does not import JAX twice."""
+    code = "import sys, pyconv_jax.host; print(sorted({'jax', 'flax'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == "[]"
+    code = "from pyconv_jax import list_models; print(len(list_models()) > 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip() == "True"
