@@ -5,13 +5,13 @@ PyConvResNet-50 train step at batch 16, 224x224. glibc maps an allocation that l
 from the kernel and unmaps it when freed, so every step faults in 640,000 zeroed 4 KiB pages,
 about a second of CPU time (docs/benchmarks.md). With glibc's ``glibc.malloc.hugetlb=1`` tunable
 those mappings use transparent huge pages, 50 times fewer faults: on 2 cores the step took
-3.25 s instead of 3.57 s (means of five runs). glibc reads its tunables only when a process starts, so :func:`reexec_with_huge_pages`
-restarts the interpreter in place (same process id, same arguments) with the tunable set.
+3.25 s instead of 3.57 s (means of five runs). glibc reads its tunables only when a process
+starts, so :func:`reexec_with_huge_pages` restarts the interpreter in place (same process id,
+same arguments) with the tunable set.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
@@ -24,9 +24,6 @@ OPT_OUT = "PYCONV_JAX_NO_HUGE_PAGES"
 
 #: The first glibc with the ``glibc.malloc.hugetlb`` tunable.
 MIN_GLIBC = (2, 35)
-
-log = logging.getLogger(__name__)
-
 
 def _version(text: str) -> tuple[int, ...]:
     try:
@@ -58,7 +55,6 @@ def reexec_with_huge_pages() -> None:
     environ = huge_page_environment(os.environ)
     if environ is None or not sys.executable:
         return
-    log.debug("restarting with GLIBC_TUNABLES=%s", environ["GLIBC_TUNABLES"])
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
