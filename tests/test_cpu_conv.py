@@ -68,6 +68,64 @@ def test_gradients_equal_xla(x_shape, kernel_shape, strides, padding, dilation, 
     assert_close(dk, expected_dk)
 
 
+PATCH_CASES = [
+    # (x shape, kernel shape, strides, padding): strided, or small outputs at stride 1
+    ((2, 14, 14, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 7, 8), (3, 3, 8, 12), (1, 1), ((1, 1), (1, 1))),
+    ((2, 11, 9, 8), (5, 5, 8, 8), (2, 2), ((2, 2), (2, 2))),  # odd sizes
+    ((2, 9, 8, 8), (4, 3, 8, 8), (2, 1), ((-1, 2), (0, 1))),  # even kernel, negative padding
+]
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,strides,padding", PATCH_CASES)
+def test_patch_products_equal_xla(x_shape, kernel_shape, strides, padding, monkeypatch):
+    """Wide convs with small outputs run as patch products: XLA's conv and gradients."""
+    monkeypatch.setattr(cpu_conv, "PATCHES_MIN_FEATURES", 8)  # small features, same path
+    rng = np.random.default_rng(sum(x_shape) + sum(kernel_shape))
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    args = (strides, padding, (1, 1))
+    y, vjp = jax.vjp(lambda x, k: cpu_conv.conv(x, k, *args), x, kernel)
+    expected_y, expected_vjp = jax.vjp(lambda x, k: xla_conv(x, k, *args), x, kernel)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for ours, expected in zip((y, *vjp(dy)), (expected_y, *expected_vjp(dy))):
+        assert_close(ours, expected)
+    program = jax.jit(lambda x, k: jax.vjp(lambda x, k: cpu_conv.conv(x, k, *args), x, k)[1](y))
+    assert "convolution" not in program.lower(x, kernel).as_text()
+
+
+def test_patch_products_at_the_real_threshold():
+    """A 3x3, 128->128, stride-2 conv runs and trains without a single convolution op."""
+    x = jnp.ones((1, 8, 8, 128), jnp.float32)
+    kernel = jnp.full((3, 3, 128, 128), 0.01, jnp.float32)
+    args = ((2, 2), ((1, 1), (1, 1)), (1, 1))
+    grads = jax.grad(lambda x, k: jnp.sum(cpu_conv.conv(x, k, *args) ** 2), (0, 1))
+    assert "convolution" not in jax.jit(grads).lower(x, kernel).as_text()
+    expected = jax.grad(lambda x, k: jnp.sum(xla_conv(x, k, *args) ** 2), (0, 1))(x, kernel)
+    for ours, reference in zip(grads(x, kernel), expected):
+        assert_close(ours, reference)
+    assert "convolution" not in jax.jit(cpu_conv.conv, static_argnums=(2, 3, 4)).lower(
+        x, kernel, *args).as_text()
+
+
+def test_patches_policy():
+    uses = cpu_conv.uses_patches
+    s1, s2, one = (1, 1), (2, 2), (1, 1)
+    # PyConvResNet-50 / ResNet-50 at 224x224: strided wide convs, and the 7x7 stage.
+    assert uses((3, 3, 512, 512), s2, one, (16, 7, 7, 512))
+    assert uses((3, 3, 256, 256), s2, one, (16, 14, 14, 256))
+    assert uses((3, 3, 128, 128), s2, one, (16, 28, 28, 128))
+    assert uses((3, 3, 512, 512), s1, one, (16, 7, 7, 512))
+    # Stride 1 at 14x14 and 28x28: XLA's conv and the sliced gradients are faster.
+    assert not uses((3, 3, 256, 256), s1, one, (16, 14, 14, 256))
+    assert not uses((3, 3, 128, 128), s1, one, (16, 28, 28, 128))
+    # Narrow convs (the first two stages' pyramid levels), 1x1 and dilated convs.
+    assert not uses((3, 3, 128, 32), s2, one, (16, 28, 28, 32))
+    assert not uses((5, 5, 64, 32), s2, one, (16, 14, 14, 32))
+    assert not uses((1, 1, 512, 512), s2, one, (16, 7, 7, 512))
+    assert not uses((3, 3, 512, 512), s1, (2, 2), (16, 7, 7, 512))
+
+
 def test_bfloat16_gradients_keep_their_dtype():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
