@@ -1,6 +1,6 @@
 """A convolution that keeps both cores of XLA:CPU busy, forward and backward.
 
-Three parts of a convolution run far below the hardware's speed on XLA:CPU (float32, batch 16,
+Convolutions run far below the hardware's speed on XLA:CPU in four cases (float32, batch 16,
 2 cores; docs/benchmarks.md):
 
 - **Narrow forward convs.** YNNPACK (this jaxlib's conv library) splits a conv over threads by
