@@ -7,16 +7,19 @@ noisy machine: each measurement is the mean of ``repeats`` timed calls after ``w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pyconv_jax.models import create_model
+from pyconv_jax.models import ResidualBlock, create_model
+from pyconv_jax.models.resnet import block_name
 from pyconv_jax.train import steps
 
 
@@ -150,6 +153,151 @@ def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int 
                                                                  lowering=lowering) ** 2), (0, 1)))
         out[lowering] = (_time(lambda: fwd(x, w), 1, repeats), _time(lambda: bwd(x, w), 1, repeats))
     return out
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """One residual block's time; ``count`` is how many blocks of the network it stands for."""
+
+    model: str
+    block: str
+    input_shape: tuple[int, ...]  # NHWC
+    count: int
+    framework: str
+    mode: str  # "train" (forward and backward, BatchNorm in training mode) | "inference"
+    seconds: float
+
+
+def block_inputs(name: str, *, batch_size: int, image_size: int) -> dict[str, tuple[int, ...]]:
+    """The NHWC input shape of every residual block of model ``name``, by block name."""
+    model = create_model(name)
+    shapes = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, ResidualBlock) and context.method_name == "__call__":
+            shapes[context.module.name] = tuple(args[0].shape)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0),
+                       jnp.zeros((batch_size, image_size, image_size, 3)))
+    return shapes
+
+
+def distinct_blocks(name: str) -> list[tuple[int, int, int]]:
+    """``(stage, index, count)`` for each stage's first block and, standing for the others
+    (all alike), its second: every distinct block shape of the network, 0-based."""
+    model = create_model(name)
+    out = []
+    for s, n in enumerate(model.stage_sizes):
+        out.append((s, 0, 1))
+        if n > 1:
+            out.append((s, 1, n - 1))
+    return out
+
+
+def jax_block(name: str, stage: int, index: int, lowering: str = "auto") -> ResidualBlock:
+    """Block ``index`` of ``stage`` (0-based) of model ``name``, as a module of its own."""
+    model = create_model(name, pyconv_lowering=lowering)
+    return ResidualBlock(**model.block_fields(stage, index))
+
+
+def torch_block(name: str, stage: int, index: int):
+    """The same block of the PyTorch reference model (``layer{stage + 1}[index]``)."""
+    from tests.torch_reference import build_torch_model
+
+    return getattr(build_torch_model(name), f"layer{stage + 1}")[index]
+
+
+def benchmark_jax_block(name: str, stage: int, index: int, input_shape, *,
+                        lowering: str = "auto", warmup: int = 2, repeats: int = 3) -> dict:
+    """Seconds of one block alone in JAX: ``train`` (forward and the gradients of its parameters
+    and input, BatchNorm statistics updated) and ``inference``."""
+    block = jax_block(name, stage, index, lowering)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=input_shape), jnp.float32)
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    dy = jnp.asarray(rng.normal(size=jax.eval_shape(block.apply, variables, x).shape), jnp.float32)
+
+    @jax.jit
+    def train(variables, x, dy):
+        def forward(params, x):
+            return block.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               train=True, mutable=["batch_stats"])
+        _, vjp, updates = jax.vjp(forward, variables["params"], x, has_aux=True)
+        return vjp(dy), updates
+
+    infer = jax.jit(lambda variables, x: block.apply(variables, x, train=False))
+    return {"train": _time(lambda: train(variables, x, dy), warmup, repeats),
+            "inference": _time(lambda: infer(variables, x), warmup, repeats)}
+
+
+def benchmark_torch_block(name: str, stage: int, index: int, input_shape, *, warmup: int = 2,
+                          repeats: int = 3) -> dict:
+    """The same block of the PyTorch reference model (channels_last, float32), timed the same way."""
+    import torch
+
+    block = torch_block(name, stage, index).to(memory_format=torch.channels_last)
+    n, h, w, c = input_shape
+    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    with torch.no_grad():
+        dy = torch.randn_like(block(x))
+
+    def train():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        block(x).backward(dy)
+
+    block.train()
+    out = {"train": _time(train, warmup, repeats)}
+    block.eval()
+    with torch.no_grad():
+        out["inference"] = _time(lambda: block(x), warmup, repeats)
+    return out
+
+
+def benchmark_blocks(name: str, *, batch_size: int, image_size: int, lowering: str = "auto",
+                     compare_torch: bool = False, repeats: int = 3) -> list[BlockResult]:
+    """Every distinct residual block of model ``name`` timed alone, in JAX and optionally in
+    PyTorch, to show where the time of a whole step goes."""
+    shapes = block_inputs(name, batch_size=batch_size, image_size=image_size)
+    results = []
+    for stage, index, count in distinct_blocks(name):
+        label = block_name(stage, index)
+        timers = [("jax", functools.partial(benchmark_jax_block, lowering=lowering))]
+        if compare_torch:
+            timers.append(("torch", benchmark_torch_block))
+        for framework, timer in timers:
+            seconds = timer(name, stage, index, shapes[label], repeats=repeats)
+            results += [BlockResult(name, label, shapes[label], count, framework, mode, s)
+                        for mode, s in seconds.items()]
+    return results
+
+
+def blocks_table(results: list[BlockResult]) -> str:
+    """A markdown table of :func:`benchmark_blocks` results: one row per block, JAX beside
+    PyTorch when measured, and a last row weighting each block by its ``count``."""
+    times = {(r.block, r.framework, r.mode): r.seconds for r in results}
+    blocks = list(dict.fromkeys((r.block, r.input_shape, r.count) for r in results))
+    columns = [(f, m) for m in ("train", "inference") for f in ("jax", "torch")
+               if any(r.framework == f and r.mode == m for r in results)]
+    ratios = [m for m in ("train", "inference") if ("torch", m) in columns]
+    header = (["block", "input (NHWC)", "count"] + [f"{f} {m} ms" for f, m in columns]
+              + [f"{m} JAX / PyTorch" for m in ratios])
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+
+    def cells(get):
+        values = [get(f, m) for f, m in columns]
+        ratio = [get("jax", m) / get("torch", m) for m in ratios]
+        return [f"{v * 1e3:.0f}" for v in values] + [f"{r:.2f}" for r in ratio]
+
+    for block, shape, count in blocks:
+        row = cells(lambda f, m: times[block, f, m])
+        lines.append("| " + " | ".join([block, "x".join(map(str, shape)), str(count)] + row) + " |")
+    total = cells(lambda f, m: sum(times[b, f, m] * c for b, _, c in blocks))
+    lines.append("| " + " | ".join(["all blocks, weighted by count", "",
+                                    str(sum(c for *_, c in blocks))] + total) + " |")
+    return "\n".join(lines)
 
 
 def train_step_memory(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",

@@ -2,7 +2,7 @@ r"""Train-step and inference throughput, compile time and memory; optional PyTor
 
     python scripts/benchmark.py --models pyconvresnet50,resnet50 --batch_size 16 --image_size 224 \
         [--dtype bfloat16] [--lowerings auto,grouped] [--remat] [--compare_torch] [--levels]
-        [--memory_batch_sizes 64,256] [--input_pipeline] [--output benchmark.json]
+        [--memory_batch_sizes 64,256] [--input_pipeline] [--blocks] [--output benchmark.json]
 """
 
 import dataclasses
@@ -31,6 +31,8 @@ flags.DEFINE_list("lowerings", ["auto"], "Conv lowerings to measure (auto, group
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
 flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")
+flags.DEFINE_bool("blocks", False, "Also time each distinct residual block alone (train: forward "
+                  "and backward; inference), beside PyTorch's with --compare_torch.")
 flags.DEFINE_list("memory_batch_sizes", [], "Also report the train step's planned memory at these "
                   "batch sizes, with and without --remat (compiled, not run).")
 flags.DEFINE_bool("timing", True, "Time the train and inference steps (--notiming: only the rest).")
@@ -44,7 +46,8 @@ def main(argv):
     del argv
     print(f"backend: {jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind})")
     results = []
-    print(benchmark.HEADER, flush=True)
+    if FLAGS.timing:
+        print(benchmark.HEADER, flush=True)
 
     def add(rows):
         for r in rows:
@@ -85,6 +88,16 @@ def main(argv):
             print(f"| {k}x{k}, {g} groups | "
                   + " | ".join(f"{t[n][0] * 1e3:.1f}" for n in names) + " | "
                   + " | ".join(f"{t[n][1] * 1e3:.1f}" for n in names) + " |", flush=True)
+    blocks = []
+    if FLAGS.blocks:
+        for name in FLAGS.models:
+            rows = benchmark.benchmark_blocks(
+                name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+                lowering=FLAGS.lowerings[0], compare_torch=FLAGS.compare_torch,
+                repeats=FLAGS.repeats)
+            print(f"{name}, each block alone, batch {FLAGS.batch_size}, {FLAGS.image_size}px:")
+            print(benchmark.blocks_table(rows), flush=True)
+            blocks += rows
     memory = {}
     if FLAGS.memory_batch_sizes:
         print("| model | batch | size | memory MiB | with remat MiB |\n|---|---:|---:|---:|---:|")
@@ -109,6 +122,7 @@ def main(argv):
             json.dump({"backend": jax.default_backend(),
                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                        "results": [dataclasses.asdict(r) for r in results], "levels": levels,
+                       "blocks": [dataclasses.asdict(r) for r in blocks],
                        "memory": memory, "input_pipeline": pipeline}, f, indent=1)
 
 

@@ -93,6 +93,11 @@ class ResidualBlock(nn.Module):
         return nn.relu(y + residual)
 
 
+def block_name(stage: int, index: int) -> str:
+    """The name of block ``index`` of ``stage`` (0-based), as in the published checkpoints."""
+    return f"layer{stage + 1}_{index}"
+
+
 class ResNet(nn.Module):
     """Residual network over images ``[N, H, W, 3]`` (NHWC), returning logits ``[N, classes]``.
 
@@ -183,6 +188,28 @@ class ResNet(nn.Module):
                 ) from None
             in_features = width * self.expansion
 
+    def block_fields(self, stage: int, index: int) -> dict[str, Any]:
+        """The :class:`ResidualBlock` fields of block ``index`` of ``stage`` (both 0-based).
+
+        Public so that a block can be built alone, as ``scripts/benchmark.py --blocks`` does.
+        """
+        return dict(
+            block=self.block,
+            width=self.stage_widths[stage],
+            expansion=self.expansion,
+            strides=self.stage_strides[stage] if index == 0 else 1,
+            kernels=tuple(self.pyconv_kernels[stage]),
+            groups=tuple(self.pyconv_groups[stage]),
+            shortcut=self.shortcut,
+            basic_second_kernel=self.basic_second_kernel,
+            zero_init_last=self.zero_init_residual,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            lowering=self.pyconv_lowering,
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
         x = jnp.asarray(x, self.dtype)
@@ -202,23 +229,7 @@ class ResNet(nn.Module):
         features = {}
         for s, num_blocks in enumerate(self.stage_sizes):
             for i in range(num_blocks):
-                x = block_cls(
-                    block=self.block,
-                    width=self.stage_widths[s],
-                    expansion=self.expansion,
-                    strides=self.stage_strides[s] if i == 0 else 1,
-                    kernels=tuple(self.pyconv_kernels[s]),
-                    groups=tuple(self.pyconv_groups[s]),
-                    shortcut=self.shortcut,
-                    basic_second_kernel=self.basic_second_kernel,
-                    zero_init_last=self.zero_init_residual,
-                    bn_momentum=self.bn_momentum,
-                    bn_epsilon=self.bn_epsilon,
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    lowering=self.pyconv_lowering,
-                    name=f"layer{s + 1}_{i}",
-                )(x, train)
+                x = block_cls(**self.block_fields(s, i), name=block_name(s, i))(x, train)
             features[f"C{s + 2}"] = x
         if self.features_only:
             return features

@@ -1,0 +1,85 @@
+"""The per-block benchmark times the blocks the network really runs, in JAX and in PyTorch."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from pyconv_jax import benchmark
+from pyconv_jax.models import ResidualBlock, create_model
+from pyconv_jax.models.resnet import block_name
+from tests.conftest import fast_variables
+
+
+def _run_capturing_blocks(model, variables, x):
+    """Each block's input and output in a whole-network forward pass, by block name."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if isinstance(context.module, ResidualBlock) and context.method_name == "__call__":
+            seen[context.module.name] = (args[0], y)
+        return y
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["pyconvresnet18", "pyconvresnet50", "resnet50"])
+def test_a_block_built_alone_computes_what_it_computes_in_the_network(name):
+    model = create_model(name)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = fast_variables(model, x, train_stats=True)
+    seen = _run_capturing_blocks(model, variables, x)
+    assert len(seen) == sum(model.stage_sizes)
+    shapes = benchmark.block_inputs(name, batch_size=2, image_size=32)
+    for stage, num_blocks in enumerate(model.stage_sizes):
+        for index in range(num_blocks):
+            label = block_name(stage, index)
+            block_x, block_y = seen[label]
+            assert shapes[label] == block_x.shape
+            block = ResidualBlock(**model.block_fields(stage, index))
+            alone = block.apply({c: variables[c][label] for c in ("params", "batch_stats")},
+                                block_x)
+            np.testing.assert_allclose(alone, block_y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pyconvresnet18", "pyconvresnet50", "resnet50"])
+def test_the_pytorch_block_has_the_jax_blocks_shapes(name):
+    """The PyTorch block timed beside a JAX block takes and returns the same shapes."""
+    shapes = benchmark.block_inputs(name, batch_size=1, image_size=64)
+    for stage, index, _ in benchmark.distinct_blocks(name):
+        block = benchmark.jax_block(name, stage, index)
+        x = jnp.zeros(shapes[block_name(stage, index)])
+        y = jax.eval_shape(lambda x: block.init_with_output(jax.random.key(0), x)[0], x)
+        torch_block = benchmark.torch_block(name, stage, index)
+        with torch.no_grad():
+            torch_y = torch_block(torch.zeros(x.shape).permute(0, 3, 1, 2))
+        assert tuple(torch_y.permute(0, 2, 3, 1).shape) == y.shape, (stage, index)
+        assert sum(p.numel() for p in torch_block.parameters()) == sum(
+            p.size for p in jax.tree_util.tree_leaves(jax.eval_shape(
+                block.init, jax.random.key(0), x)["params"])), (stage, index)
+
+
+def test_benchmark_blocks_covers_every_block_once_and_tabulates_the_ratio():
+    name = "pyconvresnet18"
+    results = benchmark.benchmark_blocks(name, batch_size=2, image_size=32, compare_torch=True,
+                                         repeats=1)
+    model = create_model(name)
+    counts = {r.block: r.count for r in results}
+    assert sum(counts.values()) == sum(model.stage_sizes)
+    assert {(r.framework, r.mode) for r in results} == {
+        (f, m) for f in ("jax", "torch") for m in ("train", "inference")}
+    assert all(r.seconds > 0 for r in results)
+    table = benchmark.blocks_table(results).splitlines()
+    assert len(table) == 2 + len(counts) + 1
+    total = table[-1].split("|")
+    jax_train = sum(r.seconds * r.count for r in results
+                    if r.framework == "jax" and r.mode == "train")
+    torch_train = sum(r.seconds * r.count for r in results
+                      if r.framework == "torch" and r.mode == "train")
+    assert total[3].strip() == str(sum(model.stage_sizes))
+    assert float(total[-3]) == pytest.approx(jax_train / torch_train, abs=0.006)
