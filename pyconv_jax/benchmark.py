@@ -300,6 +300,95 @@ def blocks_table(results: list[BlockResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class LevelResult:
+    """One pyramid level of a network's stage, timed alone (milliseconds are in :func:`levels_table`)."""
+
+    model: str
+    stage: int  # 1-based, as in the block names
+    kernel: int
+    groups: int
+    input_shape: tuple[int, ...]  # NHWC
+    out_features: int
+    framework: str
+    forward: float  # seconds
+    forward_backward: float  # seconds: the forward and both gradients (input and kernel)
+
+
+def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
+                           lowering: str = "auto", compare_torch: bool = False,
+                           repeats: int = 3) -> list[LevelResult]:
+    """Each pyramid level of each stage's stride-1 spatial conv, alone: JAX's lowering and,
+    optionally, PyTorch's grouped ``Conv2d`` (channels_last) on the same shapes."""
+    from pyconv_jax.layers import grouped_conv, pyramid_levels
+
+    model = create_model(name)
+    shapes = block_inputs(name, batch_size=batch_size, image_size=image_size)
+    rng = np.random.default_rng(0)
+    results = []
+    for s, num_blocks in enumerate(model.stage_sizes):
+        fields = model.block_fields(s, min(1, num_blocks - 1))
+        n, h, w, _ = shapes[block_name(s, min(1, num_blocks - 1))]
+        c = fields["width"]
+        x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
+        for k, g, f in pyramid_levels(c, fields["kernels"], fields["groups"]):
+            kernel = jnp.asarray(rng.normal(size=(k, k, c // g, f)), jnp.float32)
+
+            def conv(x, kernel, g=g):
+                return grouped_conv(x, kernel, groups=g, lowering=lowering)
+
+            dy = jnp.ones(jax.eval_shape(conv, x, kernel).shape, jnp.float32)
+            fwd = jax.jit(conv)
+            fwd_bwd = jax.jit(lambda x, kernel, dy: jax.vjp(conv, x, kernel)[1](dy))
+            results.append(LevelResult(
+                name, s + 1, k, g, (n, h, w, c), f, "jax",
+                _time(lambda: fwd(x, kernel), 2, repeats),
+                _time(lambda: fwd_bwd(x, kernel, dy), 2, repeats)))
+            if compare_torch:
+                results.append(_torch_level(name, s + 1, k, g, (n, h, w, c), f, repeats))
+    return results
+
+
+def _torch_level(name, stage, k, g, input_shape, f, repeats) -> LevelResult:
+    import torch
+
+    n, h, w, c = input_shape
+    conv = torch.nn.Conv2d(c, f, k, padding=k // 2, groups=g, bias=False)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    with torch.no_grad():
+        dy = torch.ones_like(conv(x))
+        forward = _time(lambda: conv(x), 2, repeats)
+
+    def forward_backward():
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        conv(x).backward(dy)
+
+    return LevelResult(name, stage, k, g, input_shape, f, "torch", forward,
+                       _time(forward_backward, 2, repeats))
+
+
+def levels_table(results: list[LevelResult]) -> str:
+    """A markdown table of :func:`benchmark_stage_levels`: JAX beside PyTorch when measured."""
+    rows = {}
+    for r in results:
+        key = (r.stage, r.kernel, r.groups, r.input_shape, r.out_features)
+        rows.setdefault(key, {})[r.framework] = r
+    torch_too = any("torch" in v for v in rows.values())
+    header = "| stage | level | input (NHWC) -> out | JAX fwd ms | JAX fwd+bwd ms |"
+    header += " PyTorch fwd ms | PyTorch fwd+bwd ms | fwd+bwd JAX / PyTorch |" if torch_too else ""
+    lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
+    for (stage, k, g, shape, f), by in rows.items():
+        cells = [str(stage), f"{k}x{k}, {g} group{'s' * (g > 1)}", f"{'x'.join(map(str, shape))} -> {f}"]
+        for fw in ("jax", "torch") if torch_too else ("jax",):
+            cells += [f"{by[fw].forward * 1e3:.1f}", f"{by[fw].forward_backward * 1e3:.1f}"]
+        if torch_too:
+            cells.append(f"{by['jax'].forward_backward / by['torch'].forward_backward:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_step_memory(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
                       remat: bool = False) -> int | None:
     """XLA's planned memory (temp + arguments + outputs) of the train step, compiled, not run.

@@ -32,7 +32,8 @@ flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
 flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")
 flags.DEFINE_bool("blocks", False, "Also time each distinct residual block alone (train: forward "
-                  "and backward; inference), beside PyTorch's with --compare_torch.")
+                  "and backward; inference) and each stage's pyramid levels alone, beside "
+                  "PyTorch's with --compare_torch.")
 flags.DEFINE_list("memory_batch_sizes", [], "Also report the train step's planned memory at these "
                   "batch sizes, with and without --remat (compiled, not run).")
 flags.DEFINE_bool("timing", True, "Time the train and inference steps (--notiming: only the rest).")
@@ -88,7 +89,7 @@ def main(argv):
             print(f"| {k}x{k}, {g} groups | "
                   + " | ".join(f"{t[n][0] * 1e3:.1f}" for n in names) + " | "
                   + " | ".join(f"{t[n][1] * 1e3:.1f}" for n in names) + " |", flush=True)
-    blocks = []
+    blocks, stage_levels = [], []
     if FLAGS.blocks:
         for name in FLAGS.models:
             rows = benchmark.benchmark_blocks(
@@ -98,6 +99,13 @@ def main(argv):
             print(f"{name}, each block alone, batch {FLAGS.batch_size}, {FLAGS.image_size}px:")
             print(benchmark.blocks_table(rows), flush=True)
             blocks += rows
+            rows = benchmark.benchmark_stage_levels(
+                name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+                lowering=FLAGS.lowerings[0], compare_torch=FLAGS.compare_torch,
+                repeats=FLAGS.repeats)
+            print(f"{name}, each pyramid level of a stage's stride-1 conv alone:")
+            print(benchmark.levels_table(rows), flush=True)
+            stage_levels += rows
     memory = {}
     if FLAGS.memory_batch_sizes:
         print("| model | batch | size | memory MiB | with remat MiB |\n|---|---:|---:|---:|---:|")
@@ -123,6 +131,7 @@ def main(argv):
                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                        "results": [dataclasses.asdict(r) for r in results], "levels": levels,
                        "blocks": [dataclasses.asdict(r) for r in blocks],
+                       "stage_levels": [dataclasses.asdict(r) for r in stage_levels],
                        "memory": memory, "input_pipeline": pipeline}, f, indent=1)
 
 

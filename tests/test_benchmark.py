@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pyconv_jax import benchmark
+from pyconv_jax.layers import pyramid_levels
 from pyconv_jax.models import ResidualBlock, create_model
 from pyconv_jax.models.resnet import block_name
 from tests.conftest import fast_variables
@@ -83,3 +84,21 @@ def test_benchmark_blocks_covers_every_block_once_and_tabulates_the_ratio():
                       if r.framework == "torch" and r.mode == "train")
     assert total[3].strip() == str(sum(model.stage_sizes))
     assert float(total[-3]) == pytest.approx(jax_train / torch_train, abs=0.006)
+
+
+def test_stage_levels_are_each_stages_pyramid_at_its_resolution():
+    name = "pyconvresnet50"
+    results = benchmark.benchmark_stage_levels(name, batch_size=2, image_size=32,
+                                               compare_torch=True, repeats=1)
+    model = create_model(name)
+    expected = [(s + 1, k, g, (2, 8 // 2**s, 8 // 2**s, width), f)
+                for s, width in enumerate(model.stage_widths)
+                for k, g, f in pyramid_levels(width, model.pyconv_kernels[s],
+                                              model.pyconv_groups[s])]
+    for framework in ("jax", "torch"):
+        assert [(r.stage, r.kernel, r.groups, r.input_shape, r.out_features)
+                for r in results if r.framework == framework] == expected
+    assert all(0 < r.forward and 0 < r.forward_backward for r in results)
+    table = benchmark.levels_table(results).splitlines()
+    assert len(table) == 2 + len(expected)
+    assert table[2].startswith("| 1 | 3x3, 1 group | 2x8x8x64 -> 16 |")
