@@ -91,18 +91,15 @@ def main(argv):
                   + " | ".join(f"{t[n][1] * 1e3:.1f}" for n in names) + " |", flush=True)
     blocks, stage_levels = [], []
     if FLAGS.blocks:
+        settings = dict(batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+                        lowering=FLAGS.lowerings[0], compare_torch=FLAGS.compare_torch,
+                        repeats=FLAGS.repeats)
         for name in FLAGS.models:
-            rows = benchmark.benchmark_blocks(
-                name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                lowering=FLAGS.lowerings[0], compare_torch=FLAGS.compare_torch,
-                repeats=FLAGS.repeats)
+            rows = benchmark.benchmark_blocks(name, **settings)
             print(f"{name}, each block alone, batch {FLAGS.batch_size}, {FLAGS.image_size}px:")
             print(benchmark.blocks_table(rows), flush=True)
             blocks += rows
-            rows = benchmark.benchmark_stage_levels(
-                name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                lowering=FLAGS.lowerings[0], compare_torch=FLAGS.compare_torch,
-                repeats=FLAGS.repeats)
+            rows = benchmark.benchmark_stage_levels(name, **settings)
             print(f"{name}, each pyramid level of a stage's stride-1 conv alone:")
             print(benchmark.levels_table(rows), flush=True)
             stage_levels += rows
