@@ -74,7 +74,7 @@ def make_train_step(
             return jnp.mean(cross_entropy(logits, targets)), (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         if skip_nonfinite:
