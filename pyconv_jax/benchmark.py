@@ -313,6 +313,8 @@ class LevelResult:
     framework: str
     forward: float  # seconds
     forward_backward: float  # seconds: the forward and both gradients (input and kernel)
+    input_grad: float | None = None  # seconds, the input gradient alone (JAX only)
+    weight_grad: float | None = None  # seconds, the kernel gradient alone (JAX only)
 
 
 def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
@@ -340,10 +342,15 @@ def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
             dy = jnp.ones(jax.eval_shape(conv, x, kernel).shape, jnp.float32)
             fwd = jax.jit(conv)
             fwd_bwd = jax.jit(lambda x, kernel, dy: jax.vjp(conv, x, kernel)[1](dy))
+            # Each gradient alone: a conv is linear, so XLA drops the unused forward pass.
+            dx = jax.jit(lambda x, kernel, dy: jax.vjp(lambda x: conv(x, kernel), x)[1](dy))
+            dw = jax.jit(lambda x, kernel, dy: jax.vjp(lambda k: conv(x, k), kernel)[1](dy))
             results.append(LevelResult(
                 name, s + 1, k, g, (n, h, w, c), f, "jax",
-                _time(lambda: fwd(x, kernel), 2, repeats),
-                _time(lambda: fwd_bwd(x, kernel, dy), 2, repeats)))
+                forward=_time(lambda: fwd(x, kernel), 2, repeats),
+                forward_backward=_time(lambda: fwd_bwd(x, kernel, dy), 2, repeats),
+                input_grad=_time(lambda: dx(x, kernel, dy), 2, repeats),
+                weight_grad=_time(lambda: dw(x, kernel, dy), 2, repeats)))
             if compare_torch:
                 results.append(_torch_level(name, s + 1, k, g, (n, h, w, c), f, repeats))
     return results
@@ -376,15 +383,19 @@ def levels_table(results: list[LevelResult]) -> str:
         key = (r.stage, r.kernel, r.groups, r.input_shape, r.out_features)
         rows.setdefault(key, {})[r.framework] = r
     torch_too = any("torch" in v for v in rows.values())
-    header = "| stage | level | input (NHWC) -> out | JAX fwd ms | JAX fwd+bwd ms |"
+    header = ("| stage | level | input (NHWC) -> out | JAX fwd ms | JAX input grad ms | "
+              "JAX weight grad ms | JAX fwd+bwd ms |")
     header += " PyTorch fwd ms | PyTorch fwd+bwd ms | fwd+bwd JAX / PyTorch |" if torch_too else ""
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
     for (stage, k, g, shape, f), by in rows.items():
         cells = [str(stage), f"{k}x{k}, {g} group{'s' * (g > 1)}", f"{'x'.join(map(str, shape))} -> {f}"]
-        for fw in ("jax", "torch") if torch_too else ("jax",):
-            cells += [f"{by[fw].forward * 1e3:.1f}", f"{by[fw].forward_backward * 1e3:.1f}"]
+        ours = by["jax"]
+        cells += [f"{t * 1e3:.1f}" for t in (ours.forward, ours.input_grad, ours.weight_grad,
+                                             ours.forward_backward)]
         if torch_too:
-            cells.append(f"{by['jax'].forward_backward / by['torch'].forward_backward:.2f}")
+            theirs = by["torch"]
+            cells += [f"{theirs.forward * 1e3:.1f}", f"{theirs.forward_backward * 1e3:.1f}",
+                      f"{ours.forward_backward / theirs.forward_backward:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -99,6 +99,7 @@ def test_stage_levels_are_each_stages_pyramid_at_its_resolution():
         assert [(r.stage, r.kernel, r.groups, r.input_shape, r.out_features)
                 for r in results if r.framework == framework] == expected
     assert all(0 < r.forward and 0 < r.forward_backward for r in results)
+    assert all(0 < r.input_grad and 0 < r.weight_grad for r in results if r.framework == "jax")
     table = benchmark.levels_table(results).splitlines()
     assert len(table) == 2 + len(expected)
     assert table[2].startswith("| 1 | 3x3, 1 group | 2x8x8x64 -> 16 |")
