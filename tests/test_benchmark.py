@@ -48,7 +48,8 @@ def test_a_block_built_alone_computes_what_it_computes_in_the_network(name):
             np.testing.assert_allclose(alone, block_y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["pyconvresnet18", "pyconvresnet50", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "pyconvresnet18", "pyconvresnet50",
+                                  "pyconvhgresnet50"])
 def test_the_pytorch_block_has_the_jax_blocks_shapes(name):
     """The PyTorch block timed beside a JAX block takes and returns the same shapes."""
     shapes = benchmark.block_inputs(name, batch_size=1, image_size=64)
