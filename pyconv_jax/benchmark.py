@@ -329,8 +329,9 @@ def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
     rng = np.random.default_rng(0)
     results = []
     for s, num_blocks in enumerate(model.stage_sizes):
-        fields = model.block_fields(s, min(1, num_blocks - 1))
-        n, h, w, _ = shapes[block_name(s, min(1, num_blocks - 1))]
+        index = min(1, num_blocks - 1)  # the second block, whose spatial conv has stride 1
+        fields = model.block_fields(s, index)
+        n, h, w, _ = shapes[block_name(s, index)]
         c = fields["width"]
         x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)
         for k, g, f in pyramid_levels(c, fields["kernels"], fields["groups"]):
