@@ -137,6 +137,13 @@ def benchmark_torch(name: str, *, batch_size: int, image_size: int, warmup: int 
     return results
 
 
+def level_lowerings() -> tuple[str, ...]:
+    """The lowerings :func:`benchmark_level` compares: every one that can run here."""
+    from pyconv_jax.layers import onednn_conv
+
+    return ("grouped", "dense", "split") + (("onednn",) if onednn_conv.available() else ())
+
+
 def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int = 56,
                     in_features: int = 64, out_features: int = 16, repeats: int = 3) -> dict:
     """Forward and forward+backward time of one grouped pyramid level in each lowering."""
@@ -147,7 +154,7 @@ def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int 
     out_features = max(out_features, groups)  # each group needs at least one output
     w = jnp.asarray(rng.normal(size=(kernel, kernel, in_features // groups, out_features)), jnp.float32)
     out = {}
-    for lowering in ("grouped", "dense", "split"):
+    for lowering in level_lowerings():
         fwd = jax.jit(lambda x, w: grouped_conv(x, w, groups=groups, lowering=lowering))
         bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_conv(x, w, groups=groups,
                                                                  lowering=lowering) ** 2), (0, 1)))

@@ -27,7 +27,8 @@ flags.DEFINE_list("models", ["pyconvresnet50", "resnet50"], "Registered model na
 flags.DEFINE_integer("batch_size", 16, "Batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input resolution.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype (float32, bfloat16).")
-flags.DEFINE_list("lowerings", ["auto"], "Conv lowerings to measure (auto, grouped, dense, split).")
+flags.DEFINE_list("lowerings", ["auto"],
+                  "Conv lowerings to measure (auto, grouped, dense, split, onednn).")
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
 flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")
@@ -80,9 +81,10 @@ def main(argv):
                   f"{r.seconds_per_step / b.seconds_per_step:.2f}")
     levels = {}
     if FLAGS.levels:
-        names = ("grouped", "dense", "split")
+        names = benchmark.level_lowerings()
         print("| level | " + " | ".join(f"{n} fwd ms" for n in names) + " | "
-              + " | ".join(f"{n} fwd+bwd ms" for n in names) + " |\n|---|" + "---:|" * 6)
+              + " | ".join(f"{n} fwd+bwd ms" for n in names) + " |\n|---|"
+              + "---:|" * (2 * len(names)))
         for k, g in ((5, 4), (7, 8), (9, 16), (9, 32)):
             t = benchmark.benchmark_level(k, g, repeats=FLAGS.repeats)
             levels[f"{k}x{k}/{g}"] = t

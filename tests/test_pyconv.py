@@ -99,7 +99,7 @@ def test_pyconv_matches_naive_reference(in_ch, features, kernels, groups, stride
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("lowering", ["grouped", "dense", "split"])
+@pytest.mark.parametrize("lowering", ["grouped", "dense", "split", "onednn"])
 def test_dilation_and_bias(lowering):
     x = jax.random.normal(jax.random.key(3), (1, 13, 13, 8))
     layer = PyConv(16, (3, 5), (1, 4), dilation=2, use_bias=True, lowering=lowering,
@@ -128,7 +128,7 @@ def test_block_diagonal_kernel_structure():
 def test_gradients_reach_every_level_and_agree_across_lowerings():
     x = jax.random.normal(jax.random.key(5), (2, 9, 9, 64))  # "split": 2 chunks of 32 channels
     grads = {}
-    for lowering in ("grouped", "dense", "split"):
+    for lowering in ("grouped", "dense", "split", "onednn"):
         layer = PyConv(64, (3, 5, 7, 9), (1, 4, 8, 16), strides=2, lowering=lowering)
         variables = layer.init(jax.random.key(6), x)
         target = jax.random.normal(jax.random.key(7), layer.apply(variables, x).shape)
@@ -140,10 +140,10 @@ def test_gradients_reach_every_level_and_agree_across_lowerings():
     for level in ("conv2_1", "conv2_2", "conv2_3", "conv2_4"):
         g = np.asarray(grads["grouped"][0][level]["kernel"])
         assert np.abs(g).min() > 0 or np.count_nonzero(g) > 0.9 * g.size, level
-        for lowering in ("dense", "split"):
+        for lowering in ("dense", "split", "onednn"):
             np.testing.assert_allclose(np.asarray(grads[lowering][0][level]["kernel"]), g,
                                        rtol=1e-4, atol=1e-4, err_msg=lowering)
-    for lowering in ("dense", "split"):
+    for lowering in ("dense", "split", "onednn"):
         np.testing.assert_allclose(np.asarray(grads[lowering][1]), np.asarray(grads["grouped"][1]),
                                    rtol=1e-4, atol=1e-4, err_msg=lowering)
 
@@ -189,7 +189,10 @@ def test_input_channels_not_divisible_by_groups_fails_at_init():
 def test_lowering_policy():
     from pyconv_jax.layers.lowering import choose_lowering, split_chunks
 
-    assert choose_lowering(1, "cpu") == choose_lowering(16, "cpu") == "split"
+    # On CPU: oneDNN where it is built (tests/test_onednn_conv.py checks that it is, here), for
+    # float32; the split lowering for other dtypes.
+    assert choose_lowering(1, "cpu") == choose_lowering(16, "cpu") == "onednn"
+    assert choose_lowering(16, "cpu", jnp.bfloat16) == "split"
     assert choose_lowering(1, "gpu") == choose_lowering(16, "gpu") == "grouped"
     # Chunks of >= 32 input channels that divide the groups, as measured best on XLA:CPU.
     assert [split_chunks(c, g) for c, g in [(64, 16), (128, 4), (128, 8), (32, 32), (96, 16),

@@ -35,7 +35,8 @@ against the variables that ``init`` creates and the MACs of the traced forward p
 3 RGB channels; the default ``False`` raises on a group count that does not divide.
 
 Grouped and depthwise convolutions go through :func:`pyconv_jax.layers.lowering.grouped_conv`
-(``lowering="auto"`` picks the dense block-diagonal form where XLA's grouped conv is slow).
+(``lowering="auto"`` picks oneDNN or dense block-diagonal chunks on CPU, where XLA's grouped
+conv is slow).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ class ConvDesign(nn.Module):
       dtype: compute dtype; ``None`` follows the input.
       param_dtype: storage dtype of the kernels.
       kernel_init / bias_init: initializers of every convolution.
-      lowering: lowering of grouped convolutions (``"auto"``, ``"grouped"``, ``"dense"``).
+      lowering: lowering of grouped convolutions (:data:`pyconv_jax.layers.lowering.LOWERINGS`).
     """
 
     features: int

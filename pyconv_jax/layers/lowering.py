@@ -9,6 +9,9 @@
   channels, each a ``dense`` conv over its own groups, outputs concatenated. It keeps the dense
   form's fast kernels while cutting its wasted MACs by the chunk count; measured 1.3-5.6x faster
   than ``dense`` forward+backward on the PyConvResNet levels (docs/benchmarks.md).
+- ``onednn``: oneDNN's grouped conv, called through XLA's FFI (CPU, float32;
+  :mod:`pyconv_jax.layers.onednn_conv`). Real groups, every core, fast gradients: the fastest
+  on CPU wherever the library is built.
 
 On CPU, ``dense`` and ``split`` convs go through :func:`pyconv_jax.layers.cpu_conv.conv`, which
 runs narrow convs as batch slices so that XLA:CPU uses every core, and whose backward pass avoids
@@ -26,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pyconv_jax.layers import cpu_conv
+from pyconv_jax.layers import cpu_conv, onednn_conv
 
-LOWERINGS = ("auto", "grouped", "dense", "split")
+LOWERINGS = ("auto", "grouped", "dense", "split", "onednn")
 
 #: ``split`` chunks have at least this many input channels: measured on XLA:CPU, narrower dense
 #: convs (down to one group per chunk) lose more to poor kernel efficiency than they save in MACs.
@@ -40,15 +43,19 @@ def check_lowering(lowering: str) -> None:
         raise ValueError(f"unknown conv lowering {lowering!r}; choose one of {list(LOWERINGS)}.")
 
 
-def choose_lowering(groups: int, backend: str | None = None) -> str:
-    """The ``auto`` policy: ``split`` on CPU, the native ``grouped`` conv on GPU/TPU.
+def choose_lowering(groups: int, backend: str | None = None, dtype=jnp.float32) -> str:
+    """The ``auto`` policy: on CPU ``onednn`` where it is built and supports ``dtype``, else
+    ``split``; the native ``grouped`` conv on GPU/TPU.
 
     ``groups`` is part of the signature for policies that depend on it; with one group every
-    lowering is a plain convolution (on CPU ``split`` still gets the faster backward pass).
+    lowering is a plain convolution (on CPU ``onednn`` and ``split`` still have the faster
+    backward passes).
     """
     del groups
     backend = backend or jax.default_backend()
-    return "split" if backend == "cpu" else "grouped"
+    if backend != "cpu":
+        return "grouped"
+    return "onednn" if onednn_conv.available() and onednn_conv.supports(dtype) else "split"
 
 
 def split_chunks(in_features: int, groups: int) -> int:
@@ -90,7 +97,7 @@ def grouped_conv(
     """
     check_lowering(lowering)
     if lowering == "auto":
-        lowering = choose_lowering(groups)
+        lowering = choose_lowering(groups, dtype=jnp.result_type(x, kernel))
     if lowering == "split":
         chunks = split_chunks(x.shape[-1], groups)
         if chunks > 1:
@@ -101,6 +108,12 @@ def grouped_conv(
         lowering = "dense"
     kh, kw = kernel.shape[:2]
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
+    if lowering == "onednn":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"the 'onednn' conv lowering runs on CPU only, not on "
+                             f"{jax.default_backend()}; use lowering='auto'.")
+        return onednn_conv.conv(x, kernel, strides=tuple(strides), padding=padding,
+                                dilation=(dilation, dilation), groups=groups)
     if lowering == "dense":
         kernel, groups = block_diagonal_kernel(kernel, groups), 1
         if jax.default_backend() == "cpu":

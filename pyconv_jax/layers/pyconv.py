@@ -129,8 +129,8 @@ class PyConv(nn.Module):
       param_dtype: storage dtype of the kernels.
       kernel_init: initializer of each level's grouped kernel.
       lowering: how XLA computes the grouped levels: ``"auto"`` (per backend and level, see
-        :mod:`pyconv_jax.layers.lowering`), ``"grouped"`` or ``"dense"``. Results are equal up to
-        float rounding.
+        :mod:`pyconv_jax.layers.lowering`), ``"grouped"``, ``"dense"``, ``"split"`` or
+        ``"onednn"``. Results are equal up to float rounding.
 
     Call with ``x`` of shape ``[N, H, W, C]``; returns ``[N, H', W', sum(level features)]``, with
     symmetric padding ``dilation * (k - 1) // 2`` so output sizes match PyTorch's.

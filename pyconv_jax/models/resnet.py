@@ -120,7 +120,7 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); logits are returned in float32.
       param_dtype: parameter storage dtype.
       pyconv_lowering: lowering of every spatial conv (``"auto"``, ``"grouped"``, ``"dense"``,
-        ``"split"``; :mod:`pyconv_jax.layers.lowering`).
+        ``"split"``, ``"onednn"``; :mod:`pyconv_jax.layers.lowering`).
       remat: recompute each block's activations in the backward pass to save memory.
       bn_momentum / bn_epsilon: BatchNorm settings equal to PyTorch's defaults (0.1, 1e-5).
     """

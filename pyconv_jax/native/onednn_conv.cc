@@ -1,0 +1,260 @@
+// oneDNN convolutions for XLA:CPU, as XLA FFI handlers: forward, input gradient, weight gradient.
+//
+// XLA:CPU's own convolution kernels run PyConvResNet's narrow and grouped convs at a fraction of
+// the hardware's speed (docs/benchmarks.md). oneDNN, the library PyTorch uses on CPU, computes
+// them with real groups (no block-diagonal waste) and spreads every conv over all cores.
+//
+// Layouts are JAX's: images NHWC, kernels HWIO with the grouped kernel's output features ordered
+// group-major ([kh, kw, C/G, G * O/G]). Activations are handed to oneDNN as they are; the small
+// kernel is reordered to oneDNN's preferred layout when that differs. Every handler takes the same
+// attributes: strides, explicit padding (top, left, bottom, right), dilation (1 = none) and the
+// group count. Float32 only.
+//
+// Primitive descriptors are built once per shape and kept (building one costs far more than a
+// small conv). Scratch memory is allocated per call, so one primitive may run on several XLA
+// threads at once.
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr auto kF32 = memory::data_type::f32;
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Attrs {
+  int64_t stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups;
+};
+
+enum class Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
+
+// The conv's geometry in oneDNN's terms: logical dims (N, C, H, W), (G, O/G, C/G, KH, KW).
+struct Geometry {
+  memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
+  Tag weights_tag;
+
+  Geometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+           const Attrs& a)
+      : src{x[0], x[3], x[1], x[2]},
+        dst{y[0], y[3], y[1], y[2]},
+        strides{a.stride_h, a.stride_w},
+        dilates{a.dil_h - 1, a.dil_w - 1},
+        pad_l{a.pad_t, a.pad_l},
+        pad_r{a.pad_b, a.pad_r} {
+    if (a.groups == 1) {
+      weights = {w[3], w[2], w[0], w[1]};
+      weights_tag = Tag::hwio;
+    } else {
+      weights = {a.groups, w[3] / a.groups, w[2], w[0], w[1]};
+      weights_tag = Tag::hwigo;
+    }
+  }
+
+  memory::desc Src() const { return memory::desc(src, kF32, Tag::nhwc); }
+  memory::desc Dst() const { return memory::desc(dst, kF32, Tag::nhwc); }
+  memory::desc UserWeights() const { return memory::desc(weights, kF32, weights_tag); }
+  memory::desc AnyWeights() const { return memory::desc(weights, kF32, Tag::any); }
+};
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
+      g.AnyWeights(), g.Dst(), g.strides, g.dilates, g.pad_l, g.pad_r, UserScratchpad());
+}
+
+// One conv, ready to run: the primitive, the layout oneDNN wants the kernel in, and the reorder
+// between that layout and JAX's (absent when they agree).
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc weights;
+  size_t scratchpad_bytes = 0;
+  bool reorder_weights = false;
+  dnnl::reorder weights_reorder;
+};
+
+std::shared_ptr<Plan> MakePlan(Kind kind, const Geometry& g) {
+  auto plan = std::make_shared<Plan>();
+  const memory::desc user = g.UserWeights();
+  auto finish = [&](const auto& pd, const memory::desc& weights) {
+    plan->conv = dnnl::primitive(pd);
+    plan->weights = weights;
+    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    plan->reorder_weights = weights != user;
+    if (plan->reorder_weights) {
+      const bool to_user = kind == Kind::kWeightGrad;
+      plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          Engine(), to_user ? weights : user, Engine(), to_user ? user : weights));
+    }
+  };
+  const auto hint = ForwardDesc(g);
+  switch (kind) {
+    case Kind::kForward:
+      finish(hint, hint.weights_desc());
+      break;
+    case Kind::kInputGrad: {
+      dnnl::convolution_backward_data::primitive_desc pd(
+          Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+          g.strides, g.dilates, g.pad_l, g.pad_r, hint, UserScratchpad());
+      finish(pd, pd.weights_desc());
+      break;
+    }
+    case Kind::kWeightGrad: {
+      dnnl::convolution_backward_weights::primitive_desc pd(
+          Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+          g.strides, g.dilates, g.pad_l, g.pad_r, hint, UserScratchpad());
+      finish(pd, pd.diff_weights_desc());
+      break;
+    }
+  }
+  return plan;
+}
+
+// Plans by conv kind, shapes and attributes. Built under a lock; run without one.
+std::shared_ptr<Plan> GetPlan(Kind kind, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                              ffi::Span<const int64_t> y, const Attrs& a) {
+  static std::mutex mutex;
+  static std::map<std::vector<int64_t>, std::shared_ptr<Plan>> plans;
+  std::vector<int64_t> key{static_cast<int64_t>(kind), a.stride_h, a.stride_w, a.pad_t, a.pad_l,
+                           a.pad_b, a.pad_r, a.dil_h, a.dil_w, a.groups};
+  for (auto dims : {x, w, y}) key.insert(key.end(), dims.begin(), dims.end());
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& plan = plans[key];
+  if (!plan) plan = MakePlan(kind, Geometry(x, w, y, a));
+  return plan;
+}
+
+// Memory that oneDNN's buffers may live in: 64-byte aligned, freed at the end of the call.
+struct Scratch {
+  explicit Scratch(size_t bytes)
+      : data(bytes ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr) {}
+  ~Scratch() { std::free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void* data;
+};
+
+// Runs one conv. `a` and `b` are its two operands, `out` its result, in the order of the handler.
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+               const Attrs& attrs) {
+  ffi::Span<const int64_t> x, w, y;
+  void *x_data, *w_data, *y_data;
+  switch (kind) {
+    case Kind::kForward:  // (x, w) -> y
+      x = a.dimensions(), w = b.dimensions(), y = out->dimensions();
+      x_data = a.untyped_data(), w_data = b.untyped_data(), y_data = out->untyped_data();
+      break;
+    case Kind::kInputGrad:  // (dy, w) -> dx
+      y = a.dimensions(), w = b.dimensions(), x = out->dimensions();
+      y_data = a.untyped_data(), w_data = b.untyped_data(), x_data = out->untyped_data();
+      break;
+    case Kind::kWeightGrad:  // (x, dy) -> dw
+      x = a.dimensions(), y = b.dimensions(), w = out->dimensions();
+      x_data = a.untyped_data(), y_data = b.untyped_data(), w_data = out->untyped_data();
+      break;
+  }
+  for (auto* buffer : {&a, &b}) {
+    if (buffer->element_type() != ffi::DataType::F32) {
+      return ffi::Error::InvalidArgument("pyconv oneDNN conv: only float32 is supported");
+    }
+  }
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || attrs.groups < 1 ||
+      x[3] != w[2] * attrs.groups || w[3] % attrs.groups != 0) {
+    return ffi::Error::InvalidArgument(
+        "pyconv oneDNN conv: expected NHWC images and an HWIO kernel [kh, kw, C/groups, O]");
+  }
+  try {
+    const auto plan = GetPlan(kind, x, w, y, attrs);
+    const Geometry g(x, w, y, attrs);
+    dnnl::engine& engine = Engine();
+    dnnl::stream stream(engine);
+    memory src(g.Src(), engine, x_data), dst(g.Dst(), engine, y_data);
+    memory user_weights(g.UserWeights(), engine, w_data);
+    Scratch weights_buffer(plan->reorder_weights ? plan->weights.get_size() : 0);
+    memory weights = plan->reorder_weights ? memory(plan->weights, engine, weights_buffer.data)
+                                           : user_weights;
+    Scratch scratchpad_buffer(plan->scratchpad_bytes);
+    memory scratchpad(memory::desc({static_cast<int64_t>(plan->scratchpad_bytes)},
+                                   memory::data_type::u8, Tag::x),
+                      engine, scratchpad_buffer.data);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
+    switch (kind) {
+      case Kind::kForward:
+        args.insert({{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+        break;
+      case Kind::kInputGrad:
+        args.insert(
+            {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, src}});
+        break;
+      case Kind::kWeightGrad:
+        args.insert(
+            {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_DIFF_WEIGHTS, weights}});
+        break;
+    }
+    if (plan->reorder_weights && kind != Kind::kWeightGrad) {
+      plan->weights_reorder.execute(stream, user_weights, weights);
+    }
+    plan->conv.execute(stream, args);
+    if (plan->reorder_weights && kind == Kind::kWeightGrad) {
+      plan->weights_reorder.execute(stream, weights, user_weights);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("pyconv oneDNN conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+template <Kind kind>
+ffi::Error Handler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                   int64_t stride_h, int64_t stride_w, int64_t pad_t, int64_t pad_l,
+                   int64_t pad_b, int64_t pad_r, int64_t dil_h, int64_t dil_w, int64_t groups) {
+  return Run(kind, a, b, out,
+             Attrs{stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups});
+}
+
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_t")
+      .Attr<int64_t>("pad_l")
+      .Attr<int64_t>("pad_b")
+      .Attr<int64_t>("pad_r")
+      .Attr<int64_t>("dil_h")
+      .Attr<int64_t>("dil_w")
+      .Attr<int64_t>("groups");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForward, Handler<Kind::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvInputGrad, Handler<Kind::kInputGrad>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightGrad>, Binding());

@@ -1,0 +1,120 @@
+"""The ``onednn`` lowering: oneDNN's convolutions through XLA's FFI, against XLA's own conv."""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pyconv_jax.layers import lowering, onednn_conv
+from pyconv_jax.native import build
+
+
+def xla_conv(x, kernel, strides, padding, dilation, groups):
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=lax.Precision.HIGHEST)
+
+
+def test_the_library_is_built_and_loads_here():
+    """``make`` builds it on every Linux x86-64 machine, so the tests below never skip there."""
+    if not build.supported_platform():
+        pytest.skip("oneDNN's pip packages are for Linux x86-64 only")
+    assert onednn_conv.unavailable_reason() is None
+    assert onednn_conv.available()
+
+
+CASES = [  # (kernel, groups, stride, dilation, padding)
+    *itertools.product((1, 3, 5), (1, 4), (1, 2), (1,), ("same",)),
+    (9, 16, 1, 1, "same"), (9, 16, 2, 1, "same"), (7, 8, 2, 1, "same"),
+    (3, 1, 1, 2, "same"), (5, 4, 2, 2, "same"),
+    (3, 1, 1, 1, ((2, 0), (0, 1))), (5, 2, 2, 1, ((1, 3), (2, 0))), (3, 4, 1, 1, ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("kernel,groups,stride,dilation,padding", CASES)
+def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, padding):
+    """Forward, input gradient and kernel gradient equal XLA's grouped conv to float rounding,
+    on an odd, non-square image and a cotangent that is not all ones."""
+    c, out = 32, 16
+    x = jax.random.normal(jax.random.key(0), (3, 13, 11, c))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, c // groups, out))
+    if padding == "same":
+        p = dilation * (kernel - 1) // 2
+        padding = ((p, p), (p, p))
+    args = dict(strides=(stride, stride), padding=padding, dilation=(dilation, dilation))
+
+    def ours(x, w):
+        return onednn_conv.conv(x, w, groups=groups, **args)
+
+    def reference(x, w):
+        return xla_conv(x, w, args["strides"], padding, args["dilation"], groups)
+
+    y, vjp = jax.vjp(jax.jit(ours), x, w)
+    y_ref, vjp_ref = jax.vjp(reference, x, w)
+    assert y.shape == y_ref.shape
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
+
+
+def test_pyconv_levels_match_the_grouped_lowering_under_vmap_and_jit():
+    """A whole pyramid through :func:`lowering.grouped_conv`, mapped over an extra axis."""
+    x = jax.random.normal(jax.random.key(3), (2, 2, 10, 10, 64))
+    kernels = [jax.random.normal(jax.random.key(k), (k, k, 64 // g, 16))
+               for k, g in ((3, 1), (5, 4), (7, 8), (9, 16))]
+
+    def pyramid(x, name):
+        return jnp.concatenate([
+            lowering.grouped_conv(x, w, groups=64 // w.shape[2], lowering=name) for w in kernels],
+            axis=-1)
+
+    got = jax.jit(jax.vmap(lambda x: pyramid(x, "onednn")))(x)
+    want = jax.vmap(lambda x: pyramid(x, "grouped"))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_input_fails_in_the_users_terms(monkeypatch):
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    args = dict(strides=(1, 1), padding=((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="float32 only, got bfloat16.*lowering='split'"):
+        onednn_conv.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), **args)
+    with pytest.raises(ValueError, match="padding >= 0"):
+        onednn_conv.conv(x, w, strides=(1, 1), padding=((-1, 1), (1, 1)))
+    monkeypatch.setattr(onednn_conv, "unavailable_reason", lambda: "it is not built")
+    with pytest.raises(RuntimeError, match="'onednn' conv lowering is unavailable: it is not built"):
+        onednn_conv.conv(x, w, **args)
+    # Without the library, `auto` falls back to the split lowering on CPU.
+    monkeypatch.setattr(onednn_conv, "available", lambda: False)
+    assert lowering.choose_lowering(4, "cpu") == "split"
+
+
+def test_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    """The OpenMP wait policy is set only while the runtime loads, and never over the user's."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    with onednn_conv._openmp_environment():
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    with onednn_conv._openmp_environment():
+        assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    if not build.supported_platform():
+        pytest.skip("oneDNN's pip packages are for Linux x86-64 only")
+    output = tmp_path / "lib.so"
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(build.BuildError, match="failed"):
+        build.build(output)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(build.BuildError, match="'no-such-compiler' not found"):
+        build.build(output)
+    assert list(tmp_path.iterdir()) == []
