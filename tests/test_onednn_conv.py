@@ -94,6 +94,16 @@ def test_unsupported_input_fails_in_the_users_terms(monkeypatch):
     assert lowering.choose_lowering(4, "cpu") == "split"
 
 
+def test_auto_keeps_sharded_cpu_programs_off_the_ffi_call(monkeypatch):
+    """XLA's partitioner gathers a batch-sharded input before an FFI call (each device would
+    compute the whole batch), so ``auto`` picks ``split`` when there are several devices."""
+    if not onednn_conv.available():
+        pytest.skip(f"the library is unavailable: {onednn_conv.unavailable_reason()}")
+    assert lowering.choose_lowering(4, "cpu") == "onednn"
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert lowering.choose_lowering(4, "cpu") == "split"
+
+
 def test_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
     """The OpenMP wait policy is set only while the runtime loads, and never over the user's."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

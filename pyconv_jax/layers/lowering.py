@@ -44,9 +44,11 @@ def check_lowering(lowering: str) -> None:
 
 
 def choose_lowering(groups: int, backend: str | None = None, dtype=jnp.float32) -> str:
-    """The ``auto`` policy: on CPU ``onednn`` where it is built and supports ``dtype``, else
-    ``split``; the native ``grouped`` conv on GPU/TPU.
+    """The ``auto`` policy: the native ``grouped`` conv on GPU/TPU. On CPU, ``onednn`` where it
+    is built and supports ``dtype`` and the program runs on one device, else ``split``.
 
+    Several CPU devices get ``split``: XLA's SPMD partitioner cannot split an FFI call over the
+    batch, so it gathers the sharded batch and every device would compute all of it.
     ``groups`` is part of the signature for policies that depend on it; with one group every
     lowering is a plain convolution (on CPU ``onednn`` and ``split`` still have the faster
     backward passes).
@@ -55,7 +57,9 @@ def choose_lowering(groups: int, backend: str | None = None, dtype=jnp.float32) 
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "grouped"
-    return "onednn" if onednn_conv.available() and onednn_conv.supports(dtype) else "split"
+    if onednn_conv.available() and onednn_conv.supports(dtype) and jax.device_count() == 1:
+        return "onednn"
+    return "split"
 
 
 def split_chunks(in_features: int, groups: int) -> int:
