@@ -1,5 +1,6 @@
 """The ``onednn`` lowering: oneDNN's convolutions through XLA's FFI, against XLA's own conv."""
 
+import functools
 import itertools
 import os
 
@@ -28,19 +29,23 @@ def test_the_library_is_built_and_loads_here():
     assert onednn_conv.available()
 
 
-CASES = [  # (kernel, groups, stride, dilation, padding)
-    *itertools.product((1, 3, 5), (1, 4), (1, 2), (1,), ("same",)),
-    (9, 16, 1, 1, "same"), (9, 16, 2, 1, "same"), (7, 8, 2, 1, "same"),
-    (3, 1, 1, 2, "same"), (5, 4, 2, 2, "same"),
-    (3, 1, 1, 1, ((2, 0), (0, 1))), (5, 2, 2, 1, ((1, 3), (2, 0))), (3, 4, 1, 1, ((0, 0), (0, 0))),
+CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
+    *itertools.product((1, 3, 5), (1, 4), (1, 2), (1,), ("same",), ((32, 16),)),
+    (9, 16, 1, 1, "same", (32, 16)), (9, 16, 2, 1, "same", (32, 16)),
+    (7, 8, 2, 1, "same", (32, 16)), (3, 1, 1, 2, "same", (32, 16)), (5, 4, 2, 2, "same", (32, 16)),
+    (3, 1, 1, 1, ((2, 0), (0, 1)), (32, 16)), (5, 2, 2, 1, ((1, 3), (2, 0)), (32, 16)),
+    (3, 4, 1, 1, ((0, 0), (0, 0)), (32, 16)),
+    # Forward as depthwise convs: one or two outputs per group, one or several inputs.
+    (7, 8, 1, 2, "same", (32, 16)), (5, 16, 1, 1, ((1, 3), (2, 0)), (32, 16)),
+    (3, 8, 2, 1, "same", (8, 16)), (3, 8, 1, 1, "same", (8, 8)),
 ]
 
 
-@pytest.mark.parametrize("kernel,groups,stride,dilation,padding", CASES)
-def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, padding):
+@pytest.mark.parametrize("kernel,groups,stride,dilation,padding,channels", CASES)
+def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, padding, channels):
     """Forward, input gradient and kernel gradient equal XLA's grouped conv to float rounding,
     on an odd, non-square image and a cotangent that is not all ones."""
-    c, out = 32, 16
+    c, out = channels
     x = jax.random.normal(jax.random.key(0), (3, 13, 11, c))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, c // groups, out))
     if padding == "same":
@@ -61,6 +66,33 @@ def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, paddi
     for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.parametrize("groups,calls", [(16, [(1, 64)]), (8, [(2, 64)]), (4, [(1, 4)]),
+                                          (1, [(1, 1)])])
+def test_forward_runs_depthwise_where_outputs_per_group_are_few(groups, calls):
+    """The PyConvResNet-50 levels with one or two outputs per group (9x9/16 and 7x7/8, 64 -> 16)
+    run forward as one depthwise conv per output of a group; the others as one grouped conv."""
+    x, w = jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64 // groups, 16))
+    jaxpr = jax.make_jaxpr(functools.partial(
+        onednn_conv.conv, strides=(1, 1), padding=((1, 1), (1, 1)), groups=groups))(x, w)
+    forward = [eqn.params for eqn in _equations(jaxpr.jaxpr)
+               if eqn.primitive.name == "ffi_call"
+               and eqn.params["target_name"] == onednn_conv.TARGETS["forward"]]
+    [(count, conv_groups)] = calls
+    groups_run = [int(dict(params["attributes"])["groups"]) for params in forward]
+    assert groups_run == [conv_groups] * count
+    assert onednn_conv.runs_depthwise(16, groups) == (conv_groups == 64)
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
 
 
 def test_pyconv_levels_match_the_grouped_lowering_under_vmap_and_jit():

@@ -5,11 +5,12 @@ narrow convs on one core, grouped ones as block-diagonal dense convs with G time
 gradients in Eigen at a fifth of a matrix product's speed (docs/benchmarks.md). oneDNN, which
 PyTorch uses on CPU, runs each of them with its real groups on every core. :func:`conv` calls it
 for the forward pass and both gradients (a ``jax.custom_vjp``: reverse mode only), on the
-library that :mod:`pyconv_jax.native.build` compiles.
+library that :mod:`pyconv_jax.native.build` compiles. Levels with one or two outputs per group
+run forward as depthwise convs (:func:`runs_depthwise`), which oneDNN computes 2-4x faster.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
-at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 / 6.9 / 21.3.
+at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 (7.3 as depthwise convs) / 6.9 / 21.3.
 """
 
 from __future__ import annotations
@@ -130,9 +131,41 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding: 
     return _conv(x, kernel, tuple(strides), padding, tuple(dilation), groups)
 
 
+#: Grouped convs with at most this many outputs per group run forward as depthwise convs.
+#: oneDNN's grouped forward kernel vectorises over a group's outputs, so with one or two it idles
+#: most of each vector; its depthwise kernel vectorises over channels. Forward, batch 16, ms:
+#: 9x9/16 64->16 at 56x56 23.1 -> 7.3; 7x7/8 64->16 at 56x56 14.0 -> 8.1; the same two at
+#: 112x112 stride 2 34.2 -> 9.0 and 18.9 -> 12.7; but 5x5/4 64->16 (4 per group) 7.8 -> 25.0.
+DEPTHWISE_MAX_OUTPUTS_PER_GROUP = 2
+
+
+def runs_depthwise(out_features: int, groups: int) -> bool:
+    """Whether :func:`conv`'s forward pass runs as depthwise convs (see
+    :data:`DEPTHWISE_MAX_OUTPUTS_PER_GROUP`); the gradients always run as the grouped conv."""
+    return groups > 1 and out_features // groups <= DEPTHWISE_MAX_OUTPUTS_PER_GROUP
+
+
+def _depthwise_forward(x, kernel, out_shape, strides, padding, dilation, groups):
+    """The grouped conv as ``O/groups`` depthwise convs, one per output of a group, each summed
+    over the group's inputs: the same MACs, in oneDNN's depthwise kernel."""
+    kh, kw, in_per_group, out = kernel.shape
+    channels = x.shape[-1]
+    per_output = kernel.reshape(kh, kw, in_per_group, groups, out // groups)
+    n, oh, ow, _ = out_shape
+    outputs = []
+    for m in range(out // groups):
+        depthwise = per_output[..., m].transpose(0, 1, 3, 2).reshape(kh, kw, 1, channels)
+        z = _call("forward", (n, oh, ow, channels), x, depthwise, strides, padding, dilation,
+                  channels)
+        outputs.append(z.reshape(n, oh, ow, groups, in_per_group).sum(axis=-1))
+    return jnp.stack(outputs, axis=-1).reshape(out_shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, strides, padding, dilation, groups):
     out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
+    if runs_depthwise(kernel.shape[-1], groups):
+        return _depthwise_forward(x, kernel, out_shape, strides, padding, dilation, groups)
     return _call("forward", out_shape, x, kernel, strides, padding, dilation, groups)
 
 
