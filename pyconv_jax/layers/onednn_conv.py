@@ -6,7 +6,7 @@ gradients in Eigen at a fifth of a matrix product's speed (docs/benchmarks.md). 
 PyTorch uses on CPU, runs each of them with its real groups on every core. :func:`conv` calls it
 for the forward pass and both gradients (a ``jax.custom_vjp``: reverse mode only), on the
 library that :mod:`pyconv_jax.native.build` compiles. Levels with one or two outputs per group
-run forward as depthwise convs (:func:`runs_depthwise`), which oneDNN computes 2-4x faster.
+run forward as depthwise convs (:func:`runs_depthwise`), which oneDNN computes 1.5-4x faster.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
