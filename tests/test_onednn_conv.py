@@ -35,9 +35,15 @@ CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
     (7, 8, 2, 1, "same", (32, 16)), (3, 1, 1, 2, "same", (32, 16)), (5, 4, 2, 2, "same", (32, 16)),
     (3, 1, 1, 1, ((2, 0), (0, 1)), (32, 16)), (5, 2, 2, 1, ((1, 3), (2, 0)), (32, 16)),
     (3, 4, 1, 1, ((0, 0), (0, 0)), (32, 16)),
-    # Forward as depthwise convs: one or two outputs per group, one or several inputs.
+    # The narrow kernels (one to four outputs per group): one or several input channels per
+    # group, up to two groups per vector, groups wider than a vector, dilation, asymmetric
+    # padding, a 1x1 kernel, a dilated kernel wider than the image (every tap checked).
     (7, 8, 1, 2, "same", (32, 16)), (5, 16, 1, 1, ((1, 3), (2, 0)), (32, 16)),
-    (3, 8, 2, 1, "same", (8, 16)), (3, 8, 1, 1, "same", (8, 8)),
+    (9, 16, 1, 1, "same", (64, 16)), (7, 8, 2, 1, "same", (64, 16)), (3, 2, 1, 1, "same", (32, 2)),
+    (3, 2, 2, 1, ((0, 2), (1, 1)), (64, 4)), (1, 16, 2, 1, "same", (32, 16)),
+    (9, 16, 1, 2, "same", (32, 16)),
+    # ... and shapes they leave to oneDNN: channels not a multiple of 16, or 3 per group.
+    (3, 8, 2, 1, "same", (8, 16)), (3, 8, 1, 1, "same", (8, 8)), (3, 16, 1, 1, "same", (48, 16)),
 ]
 
 
@@ -68,21 +74,40 @@ def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, paddi
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
 
 
-@pytest.mark.parametrize("groups,calls", [(16, [(1, 64)]), (8, [(2, 64)]), (4, [(1, 4)]),
-                                          (1, [(1, 1)])])
-def test_forward_runs_depthwise_where_outputs_per_group_are_few(groups, calls):
-    """The PyConvResNet-50 levels with one or two outputs per group (9x9/16 and 7x7/8, 64 -> 16)
-    run forward as one depthwise conv per output of a group; the others as one grouped conv."""
+@pytest.mark.parametrize("groups", [16, 8, 4, 1])
+def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(groups):
+    """PyConvResNet-50's levels with one to four outputs per group (9x9/16, 7x7/8 and 5x5/4,
+    64 -> 16) call the narrow kernels for the forward pass and the kernel gradient, the dense
+    3x3 oneDNN's primitives; the input gradient is always oneDNN's."""
     x, w = jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64 // groups, 16))
-    jaxpr = jax.make_jaxpr(functools.partial(
-        onednn_conv.conv, strides=(1, 1), padding=((1, 1), (1, 1)), groups=groups))(x, w)
-    forward = [eqn.params for eqn in _equations(jaxpr.jaxpr)
-               if eqn.primitive.name == "ffi_call"
-               and eqn.params["target_name"] == onednn_conv.TARGETS["forward"]]
-    [(count, conv_groups)] = calls
-    groups_run = [int(dict(params["attributes"])["groups"]) for params in forward]
-    assert groups_run == [conv_groups] * count
-    assert onednn_conv.runs_depthwise(16, groups) == (conv_groups == 64)
+    conv = functools.partial(onednn_conv.conv, strides=(1, 1), padding=((1, 1), (1, 1)),
+                             groups=groups)
+    jaxpr = jax.make_jaxpr(lambda x, w: jax.vjp(conv, x, w)[1](jnp.ones((2, 8, 8, 16))))(x, w)
+    targets = sorted(eqn.params["target_name"] for eqn in _equations(jaxpr.jaxpr)
+                     if eqn.primitive.name == "ffi_call")
+    narrow = groups in (16, 8, 4)
+    assert onednn_conv.runs_narrow(16, groups) == narrow
+    prefix = "narrow_" if narrow else ""
+    assert targets == sorted(onednn_conv.TARGETS[kind] for kind in
+                             (prefix + "forward", "input_grad", prefix + "weight_grad"))
+
+
+def test_the_narrow_kernels_themselves_run_on_avx512_cpus():
+    """On a CPU with AVX-512 (this project's machines and CI) the narrow cases of the grid above
+    run in the narrow kernels, not in the oneDNN fallback, so the grid tests the kernels."""
+    if not onednn_conv.available():
+        pytest.skip(f"the library is unavailable: {onednn_conv.unavailable_reason()}")
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx512 = " avx512f " in f" {cpuinfo.read().replace(chr(10), ' ')} "
+    same = dict(strides=(1, 1), padding=((4, 4), (4, 4)))
+    assert onednn_conv.narrow_kernels_run((16, 56, 56, 64), (9, 9, 4, 16), groups=16,
+                                          **same) == avx512
+    assert onednn_conv.narrow_kernels_run((3, 13, 11, 32), (7, 7, 4, 16), groups=8,
+                                          strides=(2, 2), padding=((3, 3), (3, 3))) == avx512
+    # Three channels per group do not tile a 16-lane vector; a 13-wide kernel is beyond them.
+    assert not onednn_conv.narrow_kernels_run((3, 13, 11, 48), (3, 3, 3, 16), groups=16, **same)
+    assert not onednn_conv.narrow_kernels_run((3, 13, 11, 64), (13, 13, 4, 16), groups=16,
+                                              strides=(1, 1), padding=((6, 6), (6, 6)))
 
 
 def _equations(jaxpr):

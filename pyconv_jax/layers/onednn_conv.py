@@ -5,12 +5,13 @@ narrow convs on one core, grouped ones as block-diagonal dense convs with G time
 gradients in Eigen at a fifth of a matrix product's speed (docs/benchmarks.md). oneDNN, which
 PyTorch uses on CPU, runs each of them with its real groups on every core. :func:`conv` calls it
 for the forward pass and both gradients (a ``jax.custom_vjp``: reverse mode only), on the
-library that :mod:`pyconv_jax.native.build` compiles. Levels with one or two outputs per group
-run forward as depthwise convs (:func:`runs_depthwise`), which oneDNN computes 1.5-4x faster.
+library that :mod:`pyconv_jax.native.build` compiles. Levels with at most four outputs per group
+run forward and kernel gradient in the same library's own channel-vectorised kernels instead
+(:func:`runs_narrow`), 1.3-6x faster than oneDNN's there.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
-at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 (7.3 as depthwise convs) / 6.9 / 21.3.
+at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 / 6.9 / 21.3, narrow kernels 4.7 / - / 4.0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TARGETS = {
     "forward": "PyconvOnednnConvForward",
     "input_grad": "PyconvOnednnConvInputGrad",
     "weight_grad": "PyconvOnednnConvWeightGrad",
+    "narrow_forward": "PyconvNarrowConvForward",
+    "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
 }
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -131,42 +134,41 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding: 
     return _conv(x, kernel, tuple(strides), padding, tuple(dilation), groups)
 
 
-#: Grouped convs with at most this many outputs per group run forward as depthwise convs.
-#: oneDNN's grouped forward kernel vectorises over a group's outputs, so with one or two it idles
-#: most of each vector; its depthwise kernel vectorises over channels. Forward, batch 16, ms:
-#: 9x9/16 64->16 at 56x56 23.1 -> 7.3; 7x7/8 64->16 at 56x56 14.0 -> 8.1; the same two at
-#: 112x112 stride 2 34.2 -> 9.0 and 18.9 -> 12.7; but 5x5/4 64->16 (4 per group) 7.8 -> 25.0.
-DEPTHWISE_MAX_OUTPUTS_PER_GROUP = 2
+#: Grouped convs with at most this many outputs per group run forward and weight gradient in the
+#: channel-vectorised kernels of ``native/narrow_conv.cc`` (AVX-512; oneDNN elsewhere). oneDNN's
+#: grouped kernels vectorise over a group's outputs and idle most of each vector when there are
+#: few; those kernels vectorise over input channels. Batch 16, 56x56, ms, forward / weight
+#: gradient, oneDNN -> narrow: 9x9/16 64->16 6.4 (as depthwise convs; 23.1 grouped) / 24.2 ->
+#: 4.7 / 4.0; 7x7/8 7.8 / 13.4 -> 6.1 / 4.8; 5x5/4 8.2 / 8.4 -> 6.6 / 6.1; PyConvHGResNet's
+#: 9x9/32 128->32 59.9 / 50.7 -> 10.3 / 9.3. With eight outputs per group (stage 2's 5x5/4,
+#: 128->32 at 28x28) they are 1.5-3x slower, hence the threshold.
+NARROW_MAX_OUTPUTS_PER_GROUP = 4
 
 
-def runs_depthwise(out_features: int, groups: int) -> bool:
-    """Whether :func:`conv`'s forward pass runs as depthwise convs (see
-    :data:`DEPTHWISE_MAX_OUTPUTS_PER_GROUP`); the gradients always run as the grouped conv."""
-    return groups > 1 and out_features // groups <= DEPTHWISE_MAX_OUTPUTS_PER_GROUP
-
-
-def _depthwise_forward(x, kernel, out_shape, strides, padding, dilation, groups):
-    """The grouped conv as ``O/groups`` depthwise convs, one per output of a group, each summed
-    over the group's inputs: the same MACs, in oneDNN's depthwise kernel."""
-    kh, kw, in_per_group, out = kernel.shape
-    channels = x.shape[-1]
-    per_output = kernel.reshape(kh, kw, in_per_group, groups, out // groups)
-    n, oh, ow, _ = out_shape
-    outputs = []
-    for m in range(out // groups):
-        depthwise = per_output[..., m].transpose(0, 1, 3, 2).reshape(kh, kw, 1, channels)
-        z = _call("forward", (n, oh, ow, channels), x, depthwise, strides, padding, dilation,
-                  channels)
-        outputs.append(z.reshape(n, oh, ow, groups, in_per_group).sum(axis=-1))
-    return jnp.stack(outputs, axis=-1).reshape(out_shape)
+def runs_narrow(out_features: int, groups: int) -> bool:
+    """Whether :func:`conv` runs its forward pass and kernel gradient in the narrow kernels (see
+    :data:`NARROW_MAX_OUTPUTS_PER_GROUP`); the input gradient always runs in oneDNN."""
+    return groups > 1 and out_features // groups <= NARROW_MAX_OUTPUTS_PER_GROUP
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, strides, padding, dilation, groups):
     out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
-    if runs_depthwise(kernel.shape[-1], groups):
-        return _depthwise_forward(x, kernel, out_shape, strides, padding, dilation, groups)
-    return _call("forward", out_shape, x, kernel, strides, padding, dilation, groups)
+    kind = "narrow_forward" if runs_narrow(kernel.shape[-1], groups) else "forward"
+    return _call(kind, out_shape, x, kernel, strides, padding, dilation, groups)
+
+
+def narrow_kernels_run(x_shape, kernel_shape, *, strides, padding, dilation=(1, 1),
+                       groups=1) -> bool:
+    """Whether the narrow kernels themselves (not the oneDNN fallback the library takes on CPUs
+    without AVX-512 or for channel counts they do not tile) compute this conv here."""
+    if _load() is not None:
+        return False
+    (top, _), (left, _) = padding
+    n, oh, ow, out = _out_shape(x_shape, kernel_shape, strides, padding, dilation)
+    geometry = (*x_shape, oh, ow, out, *kernel_shape[:2], *strides, top, left, *dilation, groups)
+    supported = ctypes.CDLL(str(build.LIBRARY)).PyconvNarrowSupported
+    return bool(supported((ctypes.c_int64 * 16)(*geometry)))
 
 
 def _conv_fwd(x, kernel, strides, padding, dilation, groups):
@@ -176,7 +178,8 @@ def _conv_fwd(x, kernel, strides, padding, dilation, groups):
 def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
     x, kernel = residuals
     dx = _call("input_grad", x.shape, dy, kernel, strides, padding, dilation, groups)
-    dkernel = _call("weight_grad", kernel.shape, x, dy, strides, padding, dilation, groups)
+    kind = "narrow_weight_grad" if runs_narrow(kernel.shape[-1], groups) else "weight_grad"
+    dkernel = _call(kind, kernel.shape, x, dy, strides, padding, dilation, groups)
     return dx, dkernel
 
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("onednn_conv.cc")
+SOURCES = [Path(__file__).with_name(name) for name in ("onednn_conv.cc", "narrow_conv.cc")]
 LIBRARY = Path(__file__).with_name("libpyconv_onednn.so")
 
 
@@ -41,15 +41,15 @@ def onednn_prefix() -> Path:
 
 
 def compile_command(output: Path) -> list[str]:
-    """The compiler invocation that builds ``output`` from :data:`SOURCE`."""
+    """The compiler invocation that builds ``output`` from :data:`SOURCES`."""
     import jax.ffi  # deferred: the build is the only part of this module that needs jax
 
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise BuildError(f"C++ compiler {compiler!r} not found; install g++ or set $CXX.")
     lib = onednn_prefix() / "lib"
-    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-I{lib.parent / 'include'}", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-I{lib.parent / 'include'}", f"-I{jax.ffi.include_dir()}", *map(str, SOURCES),
             f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(output)]
 
 
@@ -63,7 +63,7 @@ def build(output: Path = LIBRARY) -> Path:
     try:
         result = subprocess.run(compile_command(Path(tmp)), capture_output=True, text=True)
         if result.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()}")
+            raise BuildError(f"compiling {', '.join(s.name for s in SOURCES)} failed:\n{result.stderr.strip()}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, output)
     finally:

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "narrow_conv.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -158,23 +159,27 @@ struct Scratch {
   void* data;
 };
 
-// Runs one conv. `a` and `b` are its two operands, `out` its result, in the order of the handler.
-ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               const Attrs& attrs) {
+// One conv's three arrays, named by their role in the conv whatever the handler's kind.
+struct Operands {
   ffi::Span<const int64_t> x, w, y;
   void *x_data, *w_data, *y_data;
+};
+
+// Sorts the handler's operands (`a`, `b`, then `out`) into the conv's roles and checks them.
+ffi::Error Resolve(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                   const Attrs& attrs, Operands& o) {
   switch (kind) {
     case Kind::kForward:  // (x, w) -> y
-      x = a.dimensions(), w = b.dimensions(), y = out->dimensions();
-      x_data = a.untyped_data(), w_data = b.untyped_data(), y_data = out->untyped_data();
+      o = {a.dimensions(), b.dimensions(), out->dimensions(),
+           a.untyped_data(), b.untyped_data(), out->untyped_data()};
       break;
     case Kind::kInputGrad:  // (dy, w) -> dx
-      y = a.dimensions(), w = b.dimensions(), x = out->dimensions();
-      y_data = a.untyped_data(), w_data = b.untyped_data(), x_data = out->untyped_data();
+      o = {out->dimensions(), b.dimensions(), a.dimensions(),
+           out->untyped_data(), b.untyped_data(), a.untyped_data()};
       break;
     case Kind::kWeightGrad:  // (x, dy) -> dw
-      x = a.dimensions(), y = b.dimensions(), w = out->dimensions();
-      x_data = a.untyped_data(), y_data = b.untyped_data(), w_data = out->untyped_data();
+      o = {a.dimensions(), out->dimensions(), b.dimensions(),
+           a.untyped_data(), out->untyped_data(), b.untyped_data()};
       break;
   }
   for (auto* buffer : {&a, &b}) {
@@ -182,11 +187,20 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
       return ffi::Error::InvalidArgument("pyconv oneDNN conv: only float32 is supported");
     }
   }
-  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || attrs.groups < 1 ||
-      x[3] != w[2] * attrs.groups || w[3] % attrs.groups != 0) {
+  if (o.x.size() != 4 || o.w.size() != 4 || o.y.size() != 4 || attrs.groups < 1 ||
+      o.x[3] != o.w[2] * attrs.groups || o.w[3] % attrs.groups != 0) {
     return ffi::Error::InvalidArgument(
         "pyconv oneDNN conv: expected NHWC images and an HWIO kernel [kh, kw, C/groups, O]");
   }
+  return ffi::Error::Success();
+}
+
+// Runs one conv with oneDNN's primitives.
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+               const Attrs& attrs) {
+  Operands operands;
+  if (ffi::Error error = Resolve(kind, a, b, out, attrs, operands); error.failure()) return error;
+  const auto [x, w, y, x_data, w_data, y_data] = operands;
   try {
     const auto plan = GetPlan(kind, x, w, y, attrs);
     const Geometry g(x, w, y, attrs);
@@ -237,6 +251,32 @@ ffi::Error Handler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
              Attrs{stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups});
 }
 
+// The same conv by the channel-vectorised kernels of narrow_conv.h where they apply (this CPU
+// and these shapes), else by oneDNN.
+template <Kind kind>
+ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                         int64_t stride_h, int64_t stride_w, int64_t pad_t, int64_t pad_l,
+                         int64_t pad_b, int64_t pad_r, int64_t dil_h, int64_t dil_w,
+                         int64_t groups) {
+  const Attrs attrs{stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups};
+  static_assert(kind != Kind::kInputGrad, "no narrow input-gradient kernel: oneDNN's is faster");
+  Operands o;
+  if (ffi::Error error = Resolve(kind, a, b, out, attrs, o); error.failure()) return error;
+  const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
+                                o.w[0], o.w[1], stride_h, stride_w, pad_t, pad_l,
+                                dil_h, dil_w, groups};
+  if (!pyconv::NarrowSupported(conv)) return Run(kind, a, b, out, attrs);
+  auto* x = static_cast<float*>(o.x_data);
+  auto* w = static_cast<float*>(o.w_data);
+  auto* y = static_cast<float*>(o.y_data);
+  if (kind == Kind::kForward) {
+    pyconv::NarrowForward(conv, x, w, y);
+  } else {
+    pyconv::NarrowWeightGrad(conv, x, y, w);
+  }
+  return ffi::Error::Success();
+}
+
 auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()
@@ -258,3 +298,15 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForward, Handler<Kind::kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvInputGrad, Handler<Kind::kInputGrad>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightGrad>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvForward, NarrowHandler<Kind::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvWeightGrad, NarrowHandler<Kind::kWeightGrad>,
+                              Binding());
+
+// For the tests: whether the narrow kernels, not oneDNN, run a conv of this geometry here.
+// `geometry` holds the 16 fields of pyconv::NarrowConv in order.
+extern "C" int PyconvNarrowSupported(const int64_t* geometry) {
+  const int64_t* v = geometry;
+  const pyconv::NarrowConv conv{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
+                                v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+  return pyconv::NarrowSupported(conv) ? 1 : 0;
+}
