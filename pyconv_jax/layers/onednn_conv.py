@@ -151,11 +151,16 @@ def runs_narrow(out_features: int, groups: int) -> bool:
     return groups > 1 and out_features // groups <= NARROW_MAX_OUTPUTS_PER_GROUP
 
 
+def _target_kind(kind: str, kernel, groups: int) -> str:
+    """``kind``'s narrow-kernel version where :func:`runs_narrow` says so, else ``kind``."""
+    return f"narrow_{kind}" if runs_narrow(kernel.shape[-1], groups) else kind
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, strides, padding, dilation, groups):
     out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
-    kind = "narrow_forward" if runs_narrow(kernel.shape[-1], groups) else "forward"
-    return _call(kind, out_shape, x, kernel, strides, padding, dilation, groups)
+    return _call(_target_kind("forward", kernel, groups), out_shape, x, kernel, strides, padding,
+                 dilation, groups)
 
 
 def narrow_kernels_run(x_shape, kernel_shape, *, strides, padding, dilation=(1, 1),
@@ -165,7 +170,7 @@ def narrow_kernels_run(x_shape, kernel_shape, *, strides, padding, dilation=(1, 
     if _load() is not None:
         return False
     (top, _), (left, _) = padding
-    n, oh, ow, out = _out_shape(x_shape, kernel_shape, strides, padding, dilation)
+    _, oh, ow, out = _out_shape(x_shape, kernel_shape, strides, padding, dilation)
     geometry = (*x_shape, oh, ow, out, *kernel_shape[:2], *strides, top, left, *dilation, groups)
     supported = ctypes.CDLL(str(build.LIBRARY)).PyconvNarrowSupported
     return bool(supported((ctypes.c_int64 * 16)(*geometry)))
@@ -178,8 +183,8 @@ def _conv_fwd(x, kernel, strides, padding, dilation, groups):
 def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
     x, kernel = residuals
     dx = _call("input_grad", x.shape, dy, kernel, strides, padding, dilation, groups)
-    kind = "narrow_weight_grad" if runs_narrow(kernel.shape[-1], groups) else "weight_grad"
-    dkernel = _call(kind, kernel.shape, x, dy, strides, padding, dilation, groups)
+    dkernel = _call(_target_kind("weight_grad", kernel, groups), kernel.shape, x, dy, strides,
+                    padding, dilation, groups)
     return dx, dkernel
 
 

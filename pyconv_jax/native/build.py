@@ -63,7 +63,8 @@ def build(output: Path = LIBRARY) -> Path:
     try:
         result = subprocess.run(compile_command(Path(tmp)), capture_output=True, text=True)
         if result.returncode != 0:
-            raise BuildError(f"compiling {', '.join(s.name for s in SOURCES)} failed:\n{result.stderr.strip()}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise BuildError(f"compiling {names} failed:\n{result.stderr.strip()}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, output)
     finally:
