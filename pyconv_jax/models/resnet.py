@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from pyconv_jax.layers import PointwiseConv, PyConv, pyramid_levels
 from pyconv_jax.layers.lowering import check_lowering
+from pyconv_jax.layers.norm import BatchNorm
 from pyconv_jax.layers.pooling import max_pool
 
 Dtype = Any
@@ -60,24 +61,13 @@ class ResidualBlock(nn.Module):
             PyConv, dtype=self.dtype, param_dtype=self.param_dtype, lowering=self.lowering,
         )
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+            BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
         )
         last_norm_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
 
-        if self.block == "bottleneck":
-            y = nn.relu(norm(name="bn1")(conv1x1(self.width, name="conv1")(x)))
-            y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv2")(y)
-            y = nn.relu(norm(name="bn2")(y))
-            y = conv1x1(out_features, name="conv3")(y)
-            y = norm(scale_init=last_norm_init, name="bn3")(y)
-        else:
-            y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv1")(x)
-            y = nn.relu(norm(name="bn1")(y))
-            k = self.basic_second_kernel
-            y = pyconv(out_features, (k,), (1,), 1, name="conv2")(y)
-            y = norm(scale_init=last_norm_init, name="bn2")(y)
-
+        # The shortcut first, so that the block's last BatchNorm can add it and apply the ReLU
+        # in the same pass (layers/norm.py).
         residual = x
         needs_projection = x.shape[-1] != out_features
         if self.shortcut == "projection":
@@ -90,7 +80,18 @@ class ResidualBlock(nn.Module):
             if needs_projection:
                 residual = conv1x1(out_features, name="downsample_conv")(residual)
                 residual = norm(name="downsample_bn")(residual)
-        return nn.relu(y + residual)
+
+        if self.block == "bottleneck":
+            y = norm(relu=True, name="bn1")(conv1x1(self.width, name="conv1")(x))
+            y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv2")(y)
+            y = norm(relu=True, name="bn2")(y)
+            y = conv1x1(out_features, name="conv3")(y)
+            return norm(relu=True, scale_init=last_norm_init, name="bn3")(y, residual)
+        y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv1")(x)
+        y = norm(relu=True, name="bn1")(y)
+        k = self.basic_second_kernel
+        y = pyconv(out_features, (k,), (1,), 1, name="conv2")(y)
+        return norm(relu=True, scale_init=last_norm_init, name="bn2")(y, residual)
 
 
 def block_name(stage: int, index: int) -> str:
@@ -217,11 +218,10 @@ class ResNet(nn.Module):
             self.stem_width, (7,), (1,), strides=2, dtype=self.dtype,
             param_dtype=self.param_dtype, lowering=self.pyconv_lowering, name="conv1",
         )(x)
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="bn1",
+            relu=True, dtype=self.dtype, param_dtype=self.param_dtype, name="bn1",
         )(x)
-        x = nn.relu(x)
         if self.stem_pool:
             x = max_pool(x, 3, 2, 1)
 
