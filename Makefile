@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-NATIVE := pyconv_jax/native/libpyconv_onednn.so
+NATIVE := pyconv_jax/native/libpyconv_onednn.so pyconv_jax/native/libpyconv_block_cache.so
 
 .PHONY: venv demo test table benchmark clean
 
@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,onednn]"
 	touch $(STAMP)
 
-# oneDNN convolutions for XLA:CPU (the `onednn` lowering). Where they cannot be built (not Linux
-# x86-64, no C++ compiler) the build says why and CPU convs use the `split` lowering instead.
-$(NATIVE): $(STAMP) pyconv_jax/native/onednn_conv.cc
-	$(PY) -m pyconv_jax.native.build || echo "continuing without the onednn lowering"
+# oneDNN convolutions for XLA:CPU (the `onednn` lowering) and the block cache the scripts preload
+# (pyconv_jax/host.py). Where one cannot be built (not Linux x86-64, no compiler) the build says
+# why and `make` goes on: CPU convs use the `split` lowering, the scripts run without the cache.
+$(NATIVE) &: $(STAMP) $(wildcard pyconv_jax/native/*.cc pyconv_jax/native/*.h pyconv_jax/native/*.c)
+	$(PY) -m pyconv_jax.native.build || echo "continuing without some native code (see above)"
 
 demo: venv
 	$(PY) scripts/train.py --config configs/digits.py --workdir runs/digits

@@ -14,9 +14,9 @@ import tempfile
 # The PyTorch reference models live in tests/ (they are the tests' independent reference).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyconv_jax.host import reexec_with_huge_pages  # noqa: E402
+from pyconv_jax.host import reexec_with_host_settings  # noqa: E402
 
-reexec_with_huge_pages()  # before the heavy imports: it restarts the interpreter on Linux
+reexec_with_host_settings()  # before the heavy imports: it restarts the interpreter on Linux
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

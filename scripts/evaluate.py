@@ -6,9 +6,13 @@ r"""Evaluates a checkpoint (training workdir or converted weights): loss, top-1,
 
 import sys
 
-from absl import app, flags
+from pyconv_jax.host import reexec_with_host_settings
 
-from pyconv_jax.evaluation import evaluate_checkpoint
+reexec_with_host_settings()  # before the heavy imports: it restarts the interpreter on Linux
+
+from absl import app, flags  # noqa: E402
+
+from pyconv_jax.evaluation import evaluate_checkpoint  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.", required=True)
 flags.DEFINE_string("dataset", "imagenet2012", "tfds name, 'digits' or 'imagefolder:/path'.")

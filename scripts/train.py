@@ -10,9 +10,9 @@ with --coordinator_address/--num_processes/--process_id where auto-detection doe
 import logging
 import sys
 
-from pyconv_jax.host import reexec_with_huge_pages
+from pyconv_jax.host import reexec_with_host_settings
 
-reexec_with_huge_pages()  # before the heavy imports: it restarts the interpreter on Linux
+reexec_with_host_settings()  # before the heavy imports: it restarts the interpreter on Linux
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
