@@ -1,7 +1,7 @@
 """Throughput, compile time and memory of train and inference steps, optionally beside PyTorch.
 
 Every figure is measured in the same process, side by side, so ratios are meaningful even on a
-noisy machine: each measurement is the mean of ``repeats`` timed calls after ``warmup`` calls.
+noisy machine: each measurement is the median of ``repeats`` timed calls after ``warmup`` calls.
 """
 
 from __future__ import annotations
@@ -50,12 +50,16 @@ HEADER = ("| model | framework | mode | lowering | batch | size | dtype | ms/ste
 
 
 def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls. The median, because
+    the shared VM stalls a whole process now and then (+2.5 s in one train step of ten)."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    start = time.perf_counter()
+    seconds = []
     for _ in range(repeats):
+        start = time.perf_counter()
         jax.block_until_ready(fn())
-    return (time.perf_counter() - start) / repeats
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def _memory(compiled) -> int | None:
@@ -68,7 +72,7 @@ def _memory(compiled) -> int | None:
 
 def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
                   lowering: str = "auto", remat: bool = False, warmup: int = 2,
-                  repeats: int = 3) -> list[Result]:
+                  repeats: int = 5) -> list[Result]:
     """Train-step (SGD momentum) and inference timings of a registered model in JAX."""
     model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch_size, image_size, image_size, 3)),
@@ -107,7 +111,7 @@ def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "
 
 
 def benchmark_torch(name: str, *, batch_size: int, image_size: int, warmup: int = 2,
-                    repeats: int = 3) -> list[Result]:
+                    repeats: int = 5) -> list[Result]:
     """The same architecture in PyTorch (the tests' reference model), channels_last, float32."""
     import torch
 
@@ -145,7 +149,7 @@ def level_lowerings() -> tuple[str, ...]:
 
 
 def benchmark_level(kernel: int, groups: int, *, batch_size: int = 8, size: int = 56,
-                    in_features: int = 64, out_features: int = 16, repeats: int = 3) -> dict:
+                    in_features: int = 64, out_features: int = 16, repeats: int = 5) -> dict:
     """Forward and forward+backward time of one grouped pyramid level in each lowering."""
     from pyconv_jax.layers import grouped_conv
 
@@ -217,7 +221,7 @@ def torch_block(name: str, stage: int, index: int):
 
 
 def benchmark_jax_block(name: str, stage: int, index: int, input_shape, *,
-                        lowering: str = "auto", warmup: int = 2, repeats: int = 3) -> dict:
+                        lowering: str = "auto", warmup: int = 2, repeats: int = 5) -> dict:
     """Seconds of one block alone in JAX: ``train`` (forward and the gradients of its parameters
     and input, BatchNorm statistics updated) and ``inference``."""
     block = jax_block(name, stage, index, lowering)
@@ -240,7 +244,7 @@ def benchmark_jax_block(name: str, stage: int, index: int, input_shape, *,
 
 
 def benchmark_torch_block(name: str, stage: int, index: int, input_shape, *, warmup: int = 2,
-                          repeats: int = 3) -> dict:
+                          repeats: int = 5) -> dict:
     """The same block of the PyTorch reference model (channels_last, float32), timed the same way."""
     import torch
 
@@ -264,7 +268,7 @@ def benchmark_torch_block(name: str, stage: int, index: int, input_shape, *, war
 
 
 def benchmark_blocks(name: str, *, batch_size: int, image_size: int, lowering: str = "auto",
-                     compare_torch: bool = False, repeats: int = 3) -> list[BlockResult]:
+                     compare_torch: bool = False, repeats: int = 5) -> list[BlockResult]:
     """Every distinct residual block of model ``name`` timed alone, in JAX and optionally in
     PyTorch, to show where the time of a whole step goes."""
     shapes = block_inputs(name, batch_size=batch_size, image_size=image_size)
@@ -326,7 +330,7 @@ class LevelResult:
 
 def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
                            lowering: str = "auto", compare_torch: bool = False,
-                           repeats: int = 3) -> list[LevelResult]:
+                           repeats: int = 5) -> list[LevelResult]:
     """Each pyramid level of each stage's stride-1 spatial conv, alone: JAX's lowering and,
     optionally, PyTorch's grouped ``Conv2d`` (channels_last) on the same shapes."""
     from pyconv_jax.layers import grouped_conv, pyramid_levels

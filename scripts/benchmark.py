@@ -39,7 +39,8 @@ flags.DEFINE_list("memory_batch_sizes", [], "Also report the train step's planne
                   "batch sizes, with and without --remat (compiled, not run).")
 flags.DEFINE_bool("timing", True, "Time the train and inference steps (--notiming: only the rest).")
 flags.DEFINE_bool("input_pipeline", False, "Also measure the JPEG input pipeline (images/s/core).")
-flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (after 2 warm-up calls).")
+flags.DEFINE_integer("repeats", 5,
+                     "Timed calls per measurement (their median, after 2 warm-up calls).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
