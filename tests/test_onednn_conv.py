@@ -74,6 +74,70 @@ def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, paddi
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
 
 
+FUSED_CASES = [  # a dense conv, a strided 1x1, narrow levels (one with stride 2), oneDNN fallbacks
+    (3, 1, 1, 1, "same", (32, 16)), (1, 1, 2, 1, "same", (32, 64)),
+    (9, 16, 1, 1, "same", (64, 16)), (7, 8, 2, 1, "same", (64, 16)),
+    (5, 4, 1, 2, "same", (32, 16)), (5, 2, 2, 1, ((1, 3), (2, 0)), (32, 16)),
+    (3, 16, 1, 1, "same", (48, 16)), (5, 4, 1, 1, "same", (64, 32)),
+]
+
+
+@pytest.mark.parametrize("relu,with_residual", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("kernel,groups,stride,dilation,padding,channels", FUSED_CASES)
+def test_conv_bias_act_matches_xla(kernel, groups, stride, dilation, padding, channels, relu,
+                                   with_residual):
+    """The inference conv with its epilogue (bias, residual, ReLU) applied in its output pass,
+    and its gradients, against XLA's conv followed by the same epilogue."""
+    c, out = channels
+    x = jax.random.normal(jax.random.key(0), (3, 13, 11, c))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, c // groups, out))
+    bias = jax.random.normal(jax.random.key(2), (out,))
+    if padding == "same":
+        p = dilation * (kernel - 1) // 2
+        padding = ((p, p), (p, p))
+    args = dict(strides=(stride, stride), padding=padding, dilation=(dilation, dilation))
+    y_shape = xla_conv(x, w, args["strides"], padding, args["dilation"], groups).shape
+    residual = jax.random.normal(jax.random.key(3), y_shape) if with_residual else None
+
+    def ours(x, w, bias, residual):
+        return onednn_conv.conv_bias_act(x, w, bias, residual, relu=relu, groups=groups, **args)
+
+    def reference(x, w, bias, residual):
+        y = xla_conv(x, w, args["strides"], padding, args["dilation"], groups) + bias
+        y = y if residual is None else y + residual
+        return jnp.maximum(y, 0) if relu else y
+
+    y, vjp = jax.vjp(jax.jit(ours), x, w, bias, residual)
+    y_ref, vjp_ref = jax.vjp(reference, x, w, bias, residual)
+    dy = jax.random.normal(jax.random.key(4), y.shape)
+    for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
+        if want is None:
+            assert got is None
+            continue
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6 * scale)
+
+
+def test_conv_bias_act_refuses_a_residual_or_bias_of_the_wrong_shape():
+    x, w = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 8))
+    args = dict(relu=True, strides=(1, 1), padding=((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match=r"residual's shape \(1, 8, 8, 4\) is not the conv"):
+        onednn_conv.conv_bias_act(x, w, jnp.ones(8), jnp.ones((1, 8, 8, 4)), **args)
+    with pytest.raises(ValueError, match="one value per output channel"):
+        onednn_conv.conv_bias_act(x, w, jnp.ones(4), **args)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6, 16)])
+def test_matmul_tn_matches_numpy(shape):
+    """The 1x1 conv's weight gradient by oneDNN's sgemm: every axis but the last contracted."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    dy = rng.normal(size=(*shape[:-1], 24)).astype(np.float32)
+    want = x.reshape(-1, shape[-1]).astype(np.float64).T @ dy.reshape(-1, 24)
+    got = jax.jit(onednn_conv.matmul_tn)(jnp.asarray(x), jnp.asarray(dy))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * np.max(np.abs(want)))
+
+
 @pytest.mark.parametrize("groups", [16, 8, 4, 1])
 def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(groups):
     """PyConvResNet-50's levels with one to four outputs per group (9x9/16, 7x7/8 and 5x5/4,
@@ -90,6 +154,13 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     prefix = "narrow_" if narrow else ""
     assert targets == sorted(onednn_conv.TARGETS[kind] for kind in
                              (prefix + "forward", "input_grad", prefix + "weight_grad"))
+    # The fused inference conv asks for the narrow kernels on the same levels.
+    fused = jax.make_jaxpr(functools.partial(
+        onednn_conv.conv_bias_act, relu=True, strides=(1, 1), padding=((1, 1), (1, 1)),
+        groups=groups))(x, w, jnp.ones(16))
+    (call,) = [eqn for eqn in _equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]
+    assert call.params["target_name"] == onednn_conv.TARGETS["fused_forward"]
+    assert int(dict(call.params["attributes"])["narrow"]) == int(narrow)
 
 
 def test_the_narrow_kernels_themselves_run_on_avx512_cpus():

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pyconv_jax.layers import cpu_conv, onednn_conv
+from pyconv_jax.layers.epilogue import Epilogue
 
 LOWERINGS = ("auto", "grouped", "dense", "split", "onednn")
 
@@ -62,11 +63,29 @@ def choose_lowering(groups: int, backend: str | None = None, dtype=jnp.float32) 
     return "split"
 
 
+def resolve(lowering: str, groups: int = 1, dtype=jnp.float32) -> str:
+    """The lowering that ``lowering`` (possibly ``"auto"``) runs here."""
+    check_lowering(lowering)
+    return choose_lowering(groups, dtype=dtype) if lowering == "auto" else lowering
+
+
+def fuses_epilogue(lowering: str, dtype=jnp.float32) -> bool:
+    """Whether convs of this lowering apply an :class:`Epilogue` inside their own output pass
+    (``onednn``), so that an inference BatchNorm + ReLU costs no pass of its own."""
+    return resolve(lowering, dtype=dtype) == "onednn"
+
+
 def split_chunks(in_features: int, groups: int) -> int:
     """How many chunks ``split`` cuts a level into: the most that divide ``groups`` while each
     keeps at least :data:`SPLIT_MIN_CHANNELS` input channels (at least one chunk)."""
     limit = max(1, in_features // SPLIT_MIN_CHANNELS)
     return max(c for c in range(1, min(groups, limit) + 1) if groups % c == 0)
+
+
+def _check_cpu() -> None:
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"the 'onednn' conv lowering runs on CPU only, not on "
+                         f"{jax.default_backend()}; use lowering='auto'.")
 
 
 def block_diagonal_kernel(kernel: jax.Array, groups: int) -> jax.Array:
@@ -93,15 +112,19 @@ def grouped_conv(
     dilation: int = 1,
     lowering: str = "auto",
     siblings: int = 1,
+    epilogue: Epilogue | None = None,
 ) -> jax.Array:
     """Convolves ``x`` ``[N, H, W, C]`` with a grouped HWIO ``kernel`` ``[k, k, C/g, O]``.
 
     Padding is symmetric, ``dilation * (k - 1) // 2`` per side, as PyTorch's ``padding=k//2``.
     ``siblings``: how many independent convs (this one included) the CPU conv runs alongside.
+    ``epilogue``: applied to the output, inside the conv's own pass where the lowering can
+    (:func:`fuses_epilogue`).
     """
-    check_lowering(lowering)
-    if lowering == "auto":
-        lowering = choose_lowering(groups, dtype=jnp.result_type(x, kernel))
+    lowering = resolve(lowering, groups, jnp.result_type(x, kernel))
+    if epilogue is not None and lowering != "onednn":
+        return epilogue.apply(grouped_conv(x, kernel, groups=groups, strides=strides,
+                                           dilation=dilation, lowering=lowering))
     if lowering == "split":
         chunks = split_chunks(x.shape[-1], groups)
         if chunks > 1:
@@ -113,9 +136,12 @@ def grouped_conv(
     kh, kw = kernel.shape[:2]
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
     if lowering == "onednn":
-        if jax.default_backend() != "cpu":
-            raise ValueError(f"the 'onednn' conv lowering runs on CPU only, not on "
-                             f"{jax.default_backend()}; use lowering='auto'.")
+        _check_cpu()
+        if epilogue is not None:
+            return onednn_conv.conv_bias_act(
+                x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,
+                relu=epilogue.relu, strides=tuple(strides), padding=padding,
+                dilation=(dilation, dilation), groups=groups)
         return onednn_conv.conv(x, kernel, strides=tuple(strides), padding=padding,
                                 dilation=(dilation, dilation), groups=groups)
     if lowering == "dense":

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pyconv_jax.layers.epilogue import Epilogue
+
 Dtype = Any
 
 
@@ -137,9 +139,14 @@ class BatchNorm(nn.Module):
     bias_init: Any = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None, *,
+                 fold: bool = False):
+        """``relu(bn(x) + residual)``. With ``fold=True`` (inference only) nothing is applied:
+        returns the :class:`~pyconv_jax.layers.epilogue.Epilogue` that computes it from ``x``, for
+        the conv that produces ``x`` to apply in its own output pass; ``x`` then only gives the
+        channel count (anything with a ``shape``)."""
         features = (x.shape[-1],)
-        if residual is not None and residual.shape != x.shape:
+        if residual is not None and not fold and residual.shape != x.shape:
             raise ValueError(f"BatchNorm residual of shape {residual.shape} does not match the "
                              f"input's {x.shape}; the shortcut must have the block's output shape.")
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
@@ -147,6 +154,13 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        if fold:
+            if not self.use_running_average:
+                raise ValueError("BatchNorm(fold=True) folds the running statistics: it needs "
+                                 "use_running_average=True (inference).")
+            multiplier = lax.rsqrt(ra_var.value + self.epsilon) * scale.astype(jnp.float32)
+            shift = bias.astype(jnp.float32) - ra_mean.value * multiplier
+            return Epilogue(multiplier, shift, residual, self.relu)
         dtype = self.dtype or jnp.result_type(x, scale, bias)
         if self.use_running_average:
             return batch_norm_inference(x, scale, bias, ra_mean.value, ra_var.value, residual,

@@ -7,7 +7,8 @@ PyTorch uses on CPU, runs each of them with its real groups on every core. :func
 for the forward pass and both gradients (a ``jax.custom_vjp``: reverse mode only), on the
 library that :mod:`pyconv_jax.native.build` compiles. Levels with at most four outputs per group
 run forward and kernel gradient in the same library's own channel-vectorised kernels instead
-(:func:`runs_narrow`), 1.3-6x faster than oneDNN's there.
+(:func:`runs_narrow`), 1.3-6x faster than oneDNN's there. At inference :func:`conv_bias_act`
+applies a folded BatchNorm, the shortcut and the ReLU inside the conv's own output pass.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
@@ -34,6 +35,8 @@ TARGETS = {
     "weight_grad": "PyconvOnednnConvWeightGrad",
     "narrow_forward": "PyconvNarrowConvForward",
     "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
+    "fused_forward": "PyconvOnednnConvForwardFused",
+    "matmul_tn": "PyconvOnednnMatmulTN",
 }
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -97,13 +100,13 @@ def supports(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.float32
 
 
-def _call(kind: str, result_shape, a, b, strides, padding, dilation, groups):
+def _call(kind: str, result_shape, a, b, strides, padding, dilation, groups, *extra, **more):
     (top, bottom), (left, right) = padding
     attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_t=top, pad_l=left, pad_b=bottom,
-                 pad_r=right, dil_h=dilation[0], dil_w=dilation[1], groups=groups)
+                 pad_r=right, dil_h=dilation[0], dil_w=dilation[1], groups=groups, **more)
     return jax.ffi.ffi_call(TARGETS[kind], jax.ShapeDtypeStruct(result_shape, a.dtype),
                             vmap_method="sequential")(
-        a, b, **{name: np.int64(value) for name, value in attrs.items()})
+        a, b, *extra, **{name: np.int64(value) for name, value in attrs.items()})
 
 
 def _out_shape(x_shape, kernel_shape, strides, padding, dilation):
@@ -114,6 +117,21 @@ def _out_shape(x_shape, kernel_shape, strides, padding, dilation):
     return (n, *size, out)
 
 
+def _check(*arrays, padding: Padding) -> Padding:
+    """Raises when oneDNN cannot compute this conv here; returns ``padding`` as ints."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the 'onednn' conv lowering is unavailable: {reason}")
+    if not all(supports(a.dtype) for a in arrays):
+        raise ValueError(f"the 'onednn' conv lowering computes float32 only, got "
+                         f"{', '.join(str(a.dtype) for a in arrays)}; use lowering='split' for "
+                         "other dtypes.")
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if min(min(pair) for pair in padding) < 0:
+        raise ValueError(f"the 'onednn' conv lowering needs padding >= 0, got {padding}.")
+    return padding
+
+
 def conv(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding: Padding,
          dilation: tuple[int, int] = (1, 1), groups: int = 1) -> jax.Array:
     """``lax.conv_general_dilated`` in NHWC/HWIO with ``feature_group_count=groups``, by oneDNN.
@@ -122,16 +140,28 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int], padding: 
     ``((top, bottom), (left, right))``. Raises ``RuntimeError`` when the library is not built and
     ``ValueError`` for a dtype other than float32.
     """
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the 'onednn' conv lowering is unavailable: {reason}")
-    if not (supports(x.dtype) and supports(kernel.dtype)):
-        raise ValueError(f"the 'onednn' conv lowering computes float32 only, got {x.dtype} and "
-                         f"{kernel.dtype}; use lowering='split' for other dtypes.")
-    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if min(min(pair) for pair in padding) < 0:
-        raise ValueError(f"the 'onednn' conv lowering needs padding >= 0, got {padding}.")
+    padding = _check(x, kernel, padding=padding)
     return _conv(x, kernel, tuple(strides), padding, tuple(dilation), groups)
+
+
+def conv_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                  residual: jax.Array | None = None, *, relu: bool, strides: tuple[int, int],
+                  padding: Padding, dilation: tuple[int, int] = (1, 1),
+                  groups: int = 1) -> jax.Array:
+    """``act(conv(x, kernel) + bias + residual)`` in one pass: :func:`conv` whose kernel writes
+    its output with the bias ``[O]`` (a folded BatchNorm's shift), the ``residual`` (the output's
+    shape, or ``None``) and a ReLU (``relu``) already applied. An inference conv + BatchNorm (+
+    shortcut) + ReLU writes one tensor instead of two. Differentiable (reverse mode)."""
+    padding = _check(x, kernel, bias, *([] if residual is None else [residual]), padding=padding)
+    out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the conv output's "
+                         f"{out_shape}; add a shortcut of the block's output shape.")
+    if bias.shape != (kernel.shape[-1],):
+        raise ValueError(f"the bias has shape {bias.shape}; give one value per output channel, "
+                         f"({kernel.shape[-1]},).")
+    return _conv_bias_act(x, kernel, bias, residual, bool(relu), tuple(strides), padding,
+                          tuple(dilation), groups)
 
 
 #: Grouped convs with at most this many outputs per group run forward and weight gradient in the
@@ -189,3 +219,34 @@ def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _conv_bias_act(x, kernel, bias, residual, relu, strides, padding, dilation, groups):
+    out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
+    extra = (bias,) if residual is None else (bias, residual)
+    return _call("fused_forward", out_shape, x, kernel, strides, padding, dilation, groups,
+                 *extra, relu=int(relu), narrow=int(runs_narrow(kernel.shape[-1], groups)))
+
+
+def _conv_bias_act_fwd(x, kernel, bias, residual, relu, strides, padding, dilation, groups):
+    y = _conv_bias_act(x, kernel, bias, residual, relu, strides, padding, dilation, groups)
+    return y, (x, kernel, y if relu else None, residual is not None)
+
+
+def _conv_bias_act_bwd(relu, strides, padding, dilation, groups, saved, dy):
+    x, kernel, y, has_residual = saved
+    dz = jnp.where(y > 0, dy, jnp.zeros_like(dy)) if relu else dy
+    dx, dkernel = _conv_bwd(strides, padding, dilation, groups, (x, kernel), dz)
+    return dx, dkernel, jnp.sum(dz, axis=(0, 1, 2)), dz if has_residual else None
+
+
+_conv_bias_act.defvjp(_conv_bias_act_fwd, _conv_bias_act_bwd)
+
+
+def matmul_tn(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``x[..., K]^T dy[..., N] -> [K, N]``, contracting every axis but the last, by oneDNN's
+    sgemm (float32): a 1x1 conv's weight gradient."""
+    return jax.ffi.ffi_call(TARGETS["matmul_tn"],
+                            jax.ShapeDtypeStruct((x.shape[-1], dy.shape[-1]), x.dtype),
+                            vmap_method="sequential")(x, dy)

@@ -13,6 +13,7 @@ directly (``kernel``, like ``conv2.weight``); a multi-level PyConv holds one chi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pyconv_jax.layers import lowering as lowering_lib
+from pyconv_jax.layers.epilogue import Epilogue
 
 Dtype = Any
 Initializer = Any
@@ -166,11 +168,13 @@ class PyConv(nn.Module):
         return sum(f for _, _, f in self.level_specs())
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Applies every level to ``x`` ``[N, H, W, C]`` and concatenates their outputs."""
+    def __call__(self, x: jax.Array, epilogue: Epilogue | None = None) -> jax.Array:
+        """Applies every level to ``x`` ``[N, H, W, C]`` and concatenates their outputs, each
+        level with its channels of ``epilogue`` (e.g. a folded inference BatchNorm and ReLU)."""
         specs = self.level_specs()
         if len(specs) == 1:
-            return _conv_level(self, x, *specs[0], level=1)
+            return _conv_level(self, x, *specs[0], level=1, epilogue=epilogue)
+        starts = [sum(f for _, _, f in specs[:i]) for i in range(len(specs) + 1)]
         outputs = [
             ConvLevel(
                 features=f,
@@ -186,7 +190,7 @@ class PyConv(nn.Module):
                 lowering=self.lowering,
                 level=i,
                 name=LEVEL_NAME.format(i),
-            )(x)
+            )(x, None if epilogue is None else epilogue.channels(starts[i - 1], starts[i]))
             for i, (k, g, f) in enumerate(specs, start=1)
         ]
         return jnp.concatenate(outputs, axis=-1)
@@ -209,14 +213,17 @@ class ConvLevel(nn.Module):
     level: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv_level(self, x, self.kernel_size, self.groups, self.features, level=self.level)
+    def __call__(self, x: jax.Array, epilogue: Epilogue | None = None) -> jax.Array:
+        return _conv_level(self, x, self.kernel_size, self.groups, self.features, level=self.level,
+                           epilogue=epilogue)
 
 
 def _conv_level(
-    module: PyConv | ConvLevel, x: jax.Array, kernel_size: int, groups: int, features: int, level: int
+    module: PyConv | ConvLevel, x: jax.Array, kernel_size: int, groups: int, features: int,
+    level: int, epilogue: Epilogue | None = None,
 ) -> jax.Array:
-    """Declares one level's parameters on ``module`` and applies the convolution."""
+    """Declares one level's parameters on ``module`` and applies the convolution (and
+    ``epilogue``)."""
     in_features = x.shape[-1]
     if in_features % groups:
         raise ValueError(
@@ -233,17 +240,14 @@ def _conv_level(
     bias = module.param("bias", module.bias_init, (features,), module.param_dtype) if module.use_bias else None
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
     x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
-    y = lowering_lib.grouped_conv(
-        x,
-        kernel,
-        groups=groups,
-        strides=_as_pair(module.strides, "strides"),
-        dilation=module.dilation,
-        lowering=module.lowering,
-    )
-    if bias is not None:
-        y = y + jnp.asarray(bias, dtype)
-    return y
+    bias = None if bias is None else jnp.asarray(bias, dtype)
+    conv = functools.partial(lowering_lib.grouped_conv, x, kernel, groups=groups,
+                             strides=_as_pair(module.strides, "strides"),
+                             dilation=module.dilation, lowering=module.lowering)
+    if epilogue is not None:
+        return conv(epilogue=epilogue.after_bias(bias))
+    y = conv()
+    return y if bias is None else y + bias
 
 
 __all__ = ["PyConv", "ConvLevel", "pyramid_levels", "split_features", "kaiming_normal_fan_out"]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pyconv_jax.layers import PointwiseConv, PyConv, pyramid_levels
-from pyconv_jax.layers.lowering import check_lowering
+from pyconv_jax.layers.lowering import check_lowering, fuses_epilogue
 from pyconv_jax.layers.norm import BatchNorm
 from pyconv_jax.layers.pooling import max_pool
 
@@ -56,7 +56,8 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         out_features = self.width * self.expansion
-        conv1x1 = functools.partial(PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv1x1 = functools.partial(PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    lowering=self.lowering)
         pyconv = functools.partial(
             PyConv, dtype=self.dtype, param_dtype=self.param_dtype, lowering=self.lowering,
         )
@@ -65,6 +66,17 @@ class ResidualBlock(nn.Module):
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
         )
         last_norm_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        # At inference on the `onednn` lowering each BatchNorm (+ shortcut) + ReLU is folded into
+        # the conv before it and applied in that conv's own output pass (layers/epilogue.py).
+        fold = not train and fuses_epilogue(self.lowering, self.dtype)
+
+        def conv_norm(conv, inputs, features, relu, name, residual=None, **norm_kwargs):
+            """``relu(bn(conv(inputs)) + residual)``, folded into the conv where it can be."""
+            bn = norm(relu=relu, name=name, **norm_kwargs)
+            if fold:
+                return conv(inputs, bn(jax.ShapeDtypeStruct((features,), jnp.float32), residual,
+                                       fold=True))
+            return bn(conv(inputs), residual)
 
         # The shortcut first, so that the block's last BatchNorm can add it and apply the ReLU
         # in the same pass (layers/norm.py).
@@ -72,26 +84,27 @@ class ResidualBlock(nn.Module):
         needs_projection = x.shape[-1] != out_features
         if self.shortcut == "projection":
             if self.strides != 1 or needs_projection:
-                residual = conv1x1(out_features, strides=self.strides, name="downsample_conv")(x)
-                residual = norm(name="downsample_bn")(residual)
+                residual = conv_norm(conv1x1(out_features, strides=self.strides,
+                                             name="downsample_conv"), x, out_features, False,
+                                     "downsample_bn")
         else:  # "pool": max-pool 3x3 (padding 1) when striding, then 1x1 + BN when widening
             if self.strides != 1:
                 residual = max_pool(residual, 3, self.strides, 1)
             if needs_projection:
-                residual = conv1x1(out_features, name="downsample_conv")(residual)
-                residual = norm(name="downsample_bn")(residual)
+                residual = conv_norm(conv1x1(out_features, name="downsample_conv"), residual,
+                                     out_features, False, "downsample_bn")
 
         if self.block == "bottleneck":
-            y = norm(relu=True, name="bn1")(conv1x1(self.width, name="conv1")(x))
-            y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv2")(y)
-            y = norm(relu=True, name="bn2")(y)
-            y = conv1x1(out_features, name="conv3")(y)
-            return norm(relu=True, scale_init=last_norm_init, name="bn3")(y, residual)
-        y = pyconv(self.width, self.kernels, self.groups, self.strides, name="conv1")(x)
-        y = norm(relu=True, name="bn1")(y)
+            y = conv_norm(conv1x1(self.width, name="conv1"), x, self.width, True, "bn1")
+            y = conv_norm(pyconv(self.width, self.kernels, self.groups, self.strides,
+                                 name="conv2"), y, self.width, True, "bn2")
+            return conv_norm(conv1x1(out_features, name="conv3"), y, out_features, True, "bn3",
+                             residual, scale_init=last_norm_init)
+        y = conv_norm(pyconv(self.width, self.kernels, self.groups, self.strides, name="conv1"),
+                      x, self.width, True, "bn1")
         k = self.basic_second_kernel
-        y = pyconv(out_features, (k,), (1,), 1, name="conv2")(y)
-        return norm(relu=True, scale_init=last_norm_init, name="bn2")(y, residual)
+        return conv_norm(pyconv(out_features, (k,), (1,), 1, name="conv2"), y, out_features, True,
+                         "bn2", residual, scale_init=last_norm_init)
 
 
 def block_name(stage: int, index: int) -> str:
@@ -214,14 +227,18 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | dict[str, jax.Array]:
         x = jnp.asarray(x, self.dtype)
-        x = PyConv(
+        stem = PyConv(
             self.stem_width, (7,), (1,), strides=2, dtype=self.dtype,
             param_dtype=self.param_dtype, lowering=self.pyconv_lowering, name="conv1",
-        )(x)
-        x = BatchNorm(
+        )
+        bn = BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             relu=True, dtype=self.dtype, param_dtype=self.param_dtype, name="bn1",
-        )(x)
+        )
+        if not train and fuses_epilogue(self.pyconv_lowering, self.dtype):
+            x = stem(x, bn(jax.ShapeDtypeStruct((self.stem_width,), jnp.float32), fold=True))
+        else:
+            x = bn(stem(x))
         if self.stem_pool:
             x = max_pool(x, 3, 2, 1)
 

@@ -269,15 +269,30 @@ void WeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dke
   }
 }
 
+// y_row + bias, then max(., 0) with `relu`, over one output row.
+void BiasRow(const NarrowConv& g, const float* bias, bool relu, float* y_row) {
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    float* p = y_row + ow * g.out_c;
+    for (int64_t o = 0; o < g.out_c; ++o) {
+      const float v = p[o] + bias[o];
+      p[o] = relu && v < 0.0f ? 0.0f : v;
+    }
+  }
+}
+
 template <int KW>
-void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y) {
+void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y,
+             const float* bias, bool relu) {
   const std::vector<float> spread = SpreadKernel(g, kernel);
   const int64_t rows = g.n * g.out_h;
 #pragma omp parallel
   {
     std::vector<float> z(g.out_w * kLanes);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) ForwardRow<KW>(g, x, spread.data(), r, z.data(), y);
+    for (int64_t r = 0; r < rows; ++r) {
+      ForwardRow<KW>(g, x, spread.data(), r, z.data(), y);
+      if (bias != nullptr) BiasRow(g, bias, relu, y + r * g.out_w * g.out_c);
+    }
   }
 }
 
@@ -298,8 +313,9 @@ void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y)
 
 }  // namespace
 
-void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, float* y) {
-  PYCONV_BY_KERNEL_WIDTH(Forward, g.kw, g, x, kernel, y)
+void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, float* y,
+                   const float* bias, bool relu) {
+  PYCONV_BY_KERNEL_WIDTH(Forward, g.kw, g, x, kernel, y, bias, relu)
 }
 
 void NarrowWeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {

@@ -28,8 +28,10 @@ struct NarrowConv {
 // that tile a 16-lane vector, kernel width at most 11); callers fall back to oneDNN otherwise.
 bool NarrowSupported(const NarrowConv& conv);
 
-// y[n, oh, ow, O] from x and the kernel.
-void NarrowForward(const NarrowConv& conv, const float* x, const float* kernel, float* y);
+// y[n, oh, ow, O] from x and the kernel; then, when `bias` is given, y + bias[O], and with `relu`
+// max(y + bias, 0), each output row while it is in cache.
+void NarrowForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
+                   const float* bias = nullptr, bool relu = false);
 
 // The kernel's gradient [kh, kw, C/groups, O] from x and dy.
 void NarrowWeightGrad(const NarrowConv& conv, const float* x, const float* dy, float* dkernel);

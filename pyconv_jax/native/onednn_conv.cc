@@ -48,6 +48,13 @@ struct Attrs {
 
 enum class Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
 
+// What an inference forward pass adds to the conv before writing it: y = conv + bias (one per
+// output channel), + residual (y's shape), then max(y, 0). Folded BatchNorm + shortcut + ReLU.
+struct Epilogue {
+  bool bias = false, residual = false, relu = false;
+  bool any() const { return bias || residual || relu; }
+};
+
 // The conv's geometry in oneDNN's terms: logical dims (N, C, H, W), (G, O/G, C/G, KH, KW).
 struct Geometry {
   memory::dims src, weights, dst, strides, dilates, pad_l, pad_r;
@@ -88,6 +95,24 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.AnyWeights(), g.Dst(), g.strides, g.dilates, g.pad_l, g.pad_r, UserScratchpad());
 }
 
+// The forward pass with `e` applied inside oneDNN's kernel (bias, binary-add and ReLU post-ops).
+dnnl::convolution_forward::primitive_desc FusedForwardDesc(const Geometry& g, const Epilogue& e) {
+  dnnl::primitive_attr attr = UserScratchpad();
+  dnnl::post_ops ops;
+  if (e.residual) ops.append_binary(dnnl::algorithm::binary_add, g.Dst());
+  if (e.relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+  attr.set_post_ops(ops);
+  const memory::desc bias({g.dst[1]}, kF32, Tag::x);
+  return e.bias ? dnnl::convolution_forward::primitive_desc(
+                      Engine(), dnnl::prop_kind::forward_inference,
+                      dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), bias, g.Dst(),
+                      g.strides, g.dilates, g.pad_l, g.pad_r, attr)
+                : dnnl::convolution_forward::primitive_desc(
+                      Engine(), dnnl::prop_kind::forward_inference,
+                      dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(),
+                      g.strides, g.dilates, g.pad_l, g.pad_r, attr);
+}
+
 // One conv, ready to run: the primitive, the layout oneDNN wants the kernel in, and the reorder
 // between that layout and JAX's (absent when they agree).
 struct Plan {
@@ -98,7 +123,7 @@ struct Plan {
   dnnl::reorder weights_reorder;
 };
 
-std::shared_ptr<Plan> MakePlan(Kind kind, const Geometry& g) {
+std::shared_ptr<Plan> MakePlan(Kind kind, const Geometry& g, const Epilogue& e) {
   auto plan = std::make_shared<Plan>();
   const memory::desc user = g.UserWeights();
   auto finish = [&](const auto& pd, const memory::desc& weights) {
@@ -112,6 +137,11 @@ std::shared_ptr<Plan> MakePlan(Kind kind, const Geometry& g) {
           Engine(), to_user ? weights : user, Engine(), to_user ? user : weights));
     }
   };
+  if (e.any()) {  // an inference forward pass
+    const auto pd = FusedForwardDesc(g, e);
+    finish(pd, pd.weights_desc());
+    return plan;
+  }
   const auto hint = ForwardDesc(g);
   switch (kind) {
     case Kind::kForward:
@@ -137,15 +167,16 @@ std::shared_ptr<Plan> MakePlan(Kind kind, const Geometry& g) {
 
 // Plans by conv kind, shapes and attributes. Built under a lock; run without one.
 std::shared_ptr<Plan> GetPlan(Kind kind, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                              ffi::Span<const int64_t> y, const Attrs& a) {
+                              ffi::Span<const int64_t> y, const Attrs& a, const Epilogue& e) {
   static std::mutex mutex;
   static std::map<std::vector<int64_t>, std::shared_ptr<Plan>> plans;
   std::vector<int64_t> key{static_cast<int64_t>(kind), a.stride_h, a.stride_w, a.pad_t, a.pad_l,
-                           a.pad_b, a.pad_r, a.dil_h, a.dil_w, a.groups};
+                           a.pad_b, a.pad_r, a.dil_h, a.dil_w, a.groups, e.bias, e.residual,
+                           e.relu};
   for (auto dims : {x, w, y}) key.insert(key.end(), dims.begin(), dims.end());
   std::lock_guard<std::mutex> lock(mutex);
   auto& plan = plans[key];
-  if (!plan) plan = MakePlan(kind, Geometry(x, w, y, a));
+  if (!plan) plan = MakePlan(kind, Geometry(x, w, y, a), e);
   return plan;
 }
 
@@ -195,14 +226,15 @@ ffi::Error Resolve(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ff
   return ffi::Error::Success();
 }
 
-// Runs one conv with oneDNN's primitives.
+// Runs one conv with oneDNN's primitives; a forward pass applies `e` with `bias` and `residual`.
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               const Attrs& attrs) {
+               const Attrs& attrs, const Epilogue& e = {}, void* bias = nullptr,
+               void* residual = nullptr) {
   Operands operands;
   if (ffi::Error error = Resolve(kind, a, b, out, attrs, operands); error.failure()) return error;
   const auto [x, w, y, x_data, w_data, y_data] = operands;
   try {
-    const auto plan = GetPlan(kind, x, w, y, attrs);
+    const auto plan = GetPlan(kind, x, w, y, attrs, e);
     const Geometry g(x, w, y, attrs);
     dnnl::engine& engine = Engine();
     dnnl::stream stream(engine);
@@ -219,6 +251,14 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
     switch (kind) {
       case Kind::kForward:
         args.insert({{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+        if (e.bias) {
+          args.insert({DNNL_ARG_BIAS, memory(memory::desc({g.dst[1]}, kF32, Tag::x), engine,
+                                             bias)});
+        }
+        if (e.residual) {
+          args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                       memory(g.Dst(), engine, residual)});
+        }
         break;
       case Kind::kInputGrad:
         args.insert(
@@ -277,6 +317,44 @@ ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
   return ffi::Error::Success();
 }
 
+// The inference forward pass: y = act(conv(x, w) + bias [+ residual]). With `narrow` (the caller's
+// choice, as for the other targets) the narrow kernels run it where they apply, bias and ReLU in
+// their row loop; oneDNN runs the rest, the epilogue as post-ops.
+ffi::Error FusedForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                        ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> y, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_t, int64_t pad_l, int64_t pad_b,
+                        int64_t pad_r, int64_t dil_h, int64_t dil_w, int64_t groups,
+                        int64_t relu, int64_t narrow) {
+  const Attrs attrs{stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups};
+  if (rest.size() > 1) return ffi::Error::InvalidArgument("pyconv conv: at most one residual");
+  void* residual = nullptr;
+  if (rest.size() == 1) {
+    auto r = rest.get<ffi::AnyBuffer>(0);
+    if (r.has_error()) return r.error();
+    if (r->element_type() != ffi::DataType::F32 || r->element_count() != y->element_count()) {
+      return ffi::Error::InvalidArgument("pyconv conv: the residual must be float32, y's shape");
+    }
+    residual = r->untyped_data();
+  }
+  if (bias.element_type() != ffi::DataType::F32 || bias.dimensions().size() != 1 ||
+      bias.dimensions()[0] != y->dimensions().back()) {
+    return ffi::Error::InvalidArgument("pyconv conv: the bias must be float32 [out_channels]");
+  }
+  const Epilogue e{true, residual != nullptr, relu != 0};
+  Operands o;
+  if (ffi::Error error = Resolve(Kind::kForward, x, w, y, attrs, o); error.failure()) return error;
+  const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
+                                o.w[0], o.w[1], stride_h, stride_w, pad_t, pad_l,
+                                dil_h, dil_w, groups};
+  if (narrow && !e.residual && pyconv::NarrowSupported(conv)) {
+    pyconv::NarrowForward(conv, static_cast<float*>(o.x_data), static_cast<float*>(o.w_data),
+                          static_cast<float*>(o.y_data), static_cast<float*>(bias.untyped_data()),
+                          e.relu);
+    return ffi::Error::Success();
+  }
+  return Run(Kind::kForward, x, w, y, attrs, e, bias.untyped_data(), residual);
+}
+
 auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()
@@ -301,6 +379,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightG
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvForward, NarrowHandler<Kind::kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvWeightGrad, NarrowHandler<Kind::kWeightGrad>,
                               Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForwardFused, FusedForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_t")
+                                  .Attr<int64_t>("pad_l")
+                                  .Attr<int64_t>("pad_b")
+                                  .Attr<int64_t>("pad_r")
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("narrow"));
 
 // For the tests: whether the narrow kernels, not oneDNN, run a conv of this geometry here.
 // `geometry` holds the 16 fields of pyconv::NarrowConv in order.
