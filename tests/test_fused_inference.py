@@ -1,5 +1,5 @@
-"""Inference with each BatchNorm (+ shortcut) + ReLU folded into the conv before it, and the 1x1
-convs' sgemm weight gradient: the same numbers as the unfused model, and the fused path taken."""
+"""Inference with each BatchNorm (+ shortcut) + ReLU folded into the conv before it: the same
+numbers as the unfused model, gradients through it, and the fused path taken."""
 
 import functools
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pyconv_jax.layers import PointwiseConv, onednn_conv
+from pyconv_jax.layers import onednn_conv
 from pyconv_jax.layers.epilogue import Epilogue
 from pyconv_jax.layers.lowering import fuses_epilogue
 from pyconv_jax.layers.norm import BatchNorm
@@ -116,22 +116,3 @@ def test_gradients_through_the_fused_inference_model():
         grads(plain, variables, x))
     assert fused_errors.max() <= 4 * plain_errors.max(), (fused_errors.max(), plain_errors.max())
     assert fused_errors.max() < 1e-3
-
-
-@needs_onednn
-def test_pointwise_weight_gradient_in_sgemm_where_it_is_faster():
-    """Many pixels per channel: the kernel gradient runs in oneDNN's sgemm and equals XLA's.
-    Few pixels per channel: XLA's product (see pointwise.SGEMM_MIN_ROWS)."""
-    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 8)), jnp.float32)
-    conv, plain = PointwiseConv(16), PointwiseConv(16, lowering="grouped")
-    variables = conv.init(jax.random.key(0), x)
-
-    def grads(module, variables, x):
-        return jax.grad(lambda v, x: jnp.sum(jnp.cos(module.apply(v, x))), (0, 1))(variables, x)
-
-    assert onednn_conv.TARGETS["matmul_tn"] in _ffi_targets(
-        functools.partial(grads, conv), variables, x)
-    _close(grads(conv, variables, x), grads(plain, variables, x), 2e-6)
-    wide = PointwiseConv(512)
-    wide_vars = jax.eval_shape(wide.init, jax.random.key(0), x)
-    assert _ffi_targets(functools.partial(grads, wide), wide_vars, x) == []

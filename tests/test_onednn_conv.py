@@ -127,17 +127,6 @@ def test_conv_bias_act_refuses_a_residual_or_bias_of_the_wrong_shape():
         onednn_conv.conv_bias_act(x, w, jnp.ones(4), **args)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6, 16)])
-def test_matmul_tn_matches_numpy(shape):
-    """The 1x1 conv's weight gradient by oneDNN's sgemm: every axis but the last contracted."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=shape).astype(np.float32)
-    dy = rng.normal(size=(*shape[:-1], 24)).astype(np.float32)
-    want = x.reshape(-1, shape[-1]).astype(np.float64).T @ dy.reshape(-1, 24)
-    got = jax.jit(onednn_conv.matmul_tn)(jnp.asarray(x), jnp.asarray(dy))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * np.max(np.abs(want)))
-
-
 @pytest.mark.parametrize("groups", [16, 8, 4, 1])
 def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(groups):
     """PyConvResNet-50's levels with one to four outputs per group (9x9/16, 7x7/8 and 5x5/4,

@@ -36,7 +36,6 @@ TARGETS = {
     "narrow_forward": "PyconvNarrowConvForward",
     "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
     "fused_forward": "PyconvOnednnConvForwardFused",
-    "matmul_tn": "PyconvOnednnMatmulTN",
 }
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -243,10 +242,3 @@ def _conv_bias_act_bwd(relu, strides, padding, dilation, groups, saved, dy):
 
 _conv_bias_act.defvjp(_conv_bias_act_fwd, _conv_bias_act_bwd)
 
-
-def matmul_tn(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """``x[..., K]^T dy[..., N] -> [K, N]``, contracting every axis but the last, by oneDNN's
-    sgemm (float32): a 1x1 conv's weight gradient."""
-    return jax.ffi.ffi_call(TARGETS["matmul_tn"],
-                            jax.ShapeDtypeStruct((x.shape[-1], dy.shape[-1]), x.dtype),
-                            vmap_method="sequential")(x, dy)
