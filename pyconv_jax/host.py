@@ -1,13 +1,15 @@
 """Host process settings that XLA:CPU runs faster with, applied by the scripts before JAX starts.
 
 XLA:CPU allocates an executable's temporary buffer afresh on every call and frees it at the end:
-1.9 GB for a PyConvResNet-50 train step at batch 16, 224x224. glibc maps an allocation that
+1.5 GB for a PyConvResNet-50 train step at batch 16, 224x224. glibc maps an allocation that
 large straight from the kernel and unmaps it when freed, so every step faults in and zeroes its
-whole working memory again (docs/benchmarks.md). Two settings deal with that:
+whole working memory again, and in a VM that reports freed memory to its host those faults go to
+the host as well (docs/benchmarks.md). Two settings deal with that:
 
 - the block cache (``native/block_cache.c``, preloaded with ``LD_PRELOAD``) keeps freed blocks of
   32 MiB and more mapped and hands them out again, so a step reuses the last step's memory: on 2
-  cores the train step took 1.82 s instead of 2.05 s, inference 0.52 s instead of 0.61 s;
+  cores the train step took 1.75 s instead of 2.39 s (PyTorch's, in the same process, 2.06 s
+  instead of 2.22 s);
 - glibc's ``glibc.malloc.hugetlb=1`` tunable puts what glibc still maps on transparent huge pages,
   50 times fewer faults (the step took 3.25 s instead of 3.57 s before the block cache).
 

@@ -129,6 +129,7 @@ def main(argv):
         with open(FLAGS.output, "w") as f:
             json.dump({"backend": jax.default_backend(),
                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+                       "ld_preload": os.environ.get("LD_PRELOAD"),
                        "results": [dataclasses.asdict(r) for r in results], "levels": levels,
                        "blocks": [dataclasses.asdict(r) for r in blocks],
                        "stage_levels": [dataclasses.asdict(r) for r in stage_levels],
