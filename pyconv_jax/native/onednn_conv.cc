@@ -355,20 +355,38 @@ ffi::Error FusedForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
   return Run(Kind::kForward, x, w, y, attrs, e, bias.untyped_data(), residual);
 }
 
+// The attributes every handler takes (Attrs), after its buffers.
+template <typename Binding>
+auto WithConvAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_t")
+      .template Attr<int64_t>("pad_l")
+      .template Attr<int64_t>("pad_b")
+      .template Attr<int64_t>("pad_r")
+      .template Attr<int64_t>("dil_h")
+      .template Attr<int64_t>("dil_w")
+      .template Attr<int64_t>("groups");
+}
+
+// Two arrays in, one out: the plain forward pass and the gradients.
 auto Binding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<int64_t>("stride_h")
-      .Attr<int64_t>("stride_w")
-      .Attr<int64_t>("pad_t")
-      .Attr<int64_t>("pad_l")
-      .Attr<int64_t>("pad_b")
-      .Attr<int64_t>("pad_r")
-      .Attr<int64_t>("dil_h")
-      .Attr<int64_t>("dil_w")
-      .Attr<int64_t>("groups");
+  return WithConvAttrs(
+      ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+}
+
+// x, kernel, bias and an optional residual in, y out, with the epilogue's ReLU and the choice
+// of kernels.
+auto FusedBinding() {
+  return WithConvAttrs(ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .RemainingArgs()
+                           .Ret<ffi::AnyBuffer>())
+      .Attr<int64_t>("relu")
+      .Attr<int64_t>("narrow");
 }
 
 }  // namespace
@@ -379,24 +397,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightG
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvForward, NarrowHandler<Kind::kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvWeightGrad, NarrowHandler<Kind::kWeightGrad>,
                               Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForwardFused, FusedForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_t")
-                                  .Attr<int64_t>("pad_l")
-                                  .Attr<int64_t>("pad_b")
-                                  .Attr<int64_t>("pad_r")
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("narrow"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForwardFused, FusedForward, FusedBinding());
 
 // For the tests: whether the narrow kernels, not oneDNN, run a conv of this geometry here.
 // `geometry` holds the 16 fields of pyconv::NarrowConv in order.
