@@ -32,6 +32,15 @@ SHORTCUTS = ("projection", "pool")
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def conv_batch_norm(conv: nn.Module, bn: BatchNorm, x: jax.Array, features: int, fold: bool,
+                    residual: jax.Array | None = None) -> jax.Array:
+    """``bn(conv(x), residual)`` (``bn`` with its ReLU); with ``fold`` the BatchNorm is folded
+    into the conv and applied in the conv's own output pass instead (inference only)."""
+    if fold:
+        return conv(x, bn(jax.ShapeDtypeStruct((features,), jnp.float32), residual, fold=True))
+    return bn(conv(x), residual)
+
+
 class ResidualBlock(nn.Module):
     """A basic (expansion 1) or bottleneck residual block whose spatial conv is a PyConv.
 
@@ -71,12 +80,8 @@ class ResidualBlock(nn.Module):
         fold = not train and fuses_epilogue(self.lowering, self.dtype)
 
         def conv_norm(conv, inputs, features, relu, name, residual=None, **norm_kwargs):
-            """``relu(bn(conv(inputs)) + residual)``, folded into the conv where it can be."""
             bn = norm(relu=relu, name=name, **norm_kwargs)
-            if fold:
-                return conv(inputs, bn(jax.ShapeDtypeStruct((features,), jnp.float32), residual,
-                                       fold=True))
-            return bn(conv(inputs), residual)
+            return conv_batch_norm(conv, bn, inputs, features, fold, residual)
 
         # The shortcut first, so that the block's last BatchNorm can add it and apply the ReLU
         # in the same pass (layers/norm.py).
@@ -235,10 +240,8 @@ class ResNet(nn.Module):
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
             relu=True, dtype=self.dtype, param_dtype=self.param_dtype, name="bn1",
         )
-        if not train and fuses_epilogue(self.pyconv_lowering, self.dtype):
-            x = stem(x, bn(jax.ShapeDtypeStruct((self.stem_width,), jnp.float32), fold=True))
-        else:
-            x = bn(stem(x))
+        x = conv_batch_norm(stem, bn, x, self.stem_width,
+                            not train and fuses_epilogue(self.pyconv_lowering, self.dtype))
         if self.stem_pool:
             x = max_pool(x, 3, 2, 1)
 
