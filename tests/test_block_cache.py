@@ -145,3 +145,34 @@ def test_jax_computes_the_same_with_the_cache(tmp_path):
     assert cached["temp"] > 32 * MIB and cached["mapped"] >= 1 and cached["reused"] >= 2
     assert plain["mapped"] == 0
     assert cached["out"][0] == cached["out"][1] == cached["out"][2] == plain["out"][0]
+
+
+@on_glibc
+def test_fork_while_other_threads_allocate():
+    """A child forked while other threads hold the cache's lock can still allocate: the lock is
+    taken around fork() and released on both sides."""
+    result = _run("""
+        import os, threading
+        stop = False
+
+        def churn():
+            while not stop:
+                libc.free(libc.malloc(40 << 20))
+
+        threads = [threading.Thread(target=churn) for _ in range(2)]
+        for t in threads:
+            t.start()
+        codes = []
+        for _ in range(50):
+            pid = os.fork()
+            if pid == 0:
+                p = libc.malloc(40 << 20)
+                ctypes.memset(p, 1, 40 << 20)
+                os._exit(0)
+            codes.append(os.waitpid(pid, 0)[1])
+        stop = True
+        for t in threads:
+            t.join()
+        print(json.dumps(dict(codes=sorted(set(codes)))))
+    """)
+    assert result["codes"] == [0]

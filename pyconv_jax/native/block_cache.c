@@ -44,7 +44,6 @@ typedef struct {
 
 static Block blocks[kMaxBlocks];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_once_t once = PTHREAD_ONCE_INIT;
 static size_t min_size = 32u << 20;
 static size_t max_free = 0;
 static size_t free_bytes = 0;
@@ -58,17 +57,20 @@ static size_t parse_size(const char *text, size_t fallback) {
   return (end != NULL && *end == '\0') ? (size_t)value : fallback;
 }
 
-static void configure(void) {
+// fork() while another thread holds the lock would leave the child's copy locked for good.
+static void lock_before_fork(void) { pthread_mutex_lock(&lock); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&lock); }
+
+// Reads the settings when the library loads, before the program's first allocation.
+__attribute__((constructor)) static void configure(void) {
+  pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork);
   min_size = parse_size(getenv("PYCONV_BLOCK_CACHE_MIN"), min_size);
   long pages = sysconf(_SC_PHYS_PAGES);
   size_t quarter = pages > 0 ? (size_t)pages * kPage / 4 : (size_t)4 << 30;
   max_free = parse_size(getenv("PYCONV_BLOCK_CACHE_MAX_FREE"), quarter);
 }
 
-static int is_large(size_t size) {
-  pthread_once(&once, configure);
-  return size >= min_size;
-}
+static int is_large(size_t size) { return size >= min_size; }
 
 // Unmaps free blocks, oldest first, until the free ones fit in max_free (lock held).
 static void trim(size_t limit) {
