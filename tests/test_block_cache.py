@@ -24,7 +24,7 @@ def _run(code: str, **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYCONV_BLOCK_CACHE")}
     environ.update(LD_PRELOAD=str(host.BLOCK_CACHE), **env)
     out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env=environ,
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True, timeout=120).stdout
     return json.loads(out.splitlines()[-1])
 
 
