@@ -82,7 +82,8 @@ def split_chunks(in_features: int, groups: int) -> int:
     return max(c for c in range(1, min(groups, limit) + 1) if groups % c == 0)
 
 
-def _check_cpu() -> None:
+def check_onednn_backend() -> None:
+    """Raises in the user's terms when the ``onednn`` lowering is asked for off CPU."""
     if jax.default_backend() != "cpu":
         raise ValueError(f"the 'onednn' conv lowering runs on CPU only, not on "
                          f"{jax.default_backend()}; use lowering='auto'.")
@@ -136,7 +137,7 @@ def grouped_conv(
     kh, kw = kernel.shape[:2]
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
     if lowering == "onednn":
-        _check_cpu()
+        check_onednn_backend()
         if epilogue is not None:
             return onednn_conv.conv_bias_act(
                 x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,

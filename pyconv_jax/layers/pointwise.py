@@ -48,6 +48,7 @@ class PointwiseConv(nn.Module):
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
         x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
         if epilogue is not None and lowering_lib.fuses_epilogue(self.lowering, dtype):
+            lowering_lib.check_onednn_backend()
             return onednn_conv.conv_bias_act(
                 x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,
                 relu=epilogue.relu, strides=(self.strides, self.strides),
