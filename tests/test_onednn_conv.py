@@ -42,6 +42,10 @@ CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
     (9, 16, 1, 1, "same", (64, 16)), (7, 8, 2, 1, "same", (64, 16)), (3, 2, 1, 1, "same", (32, 2)),
     (3, 2, 2, 1, ((0, 2), (1, 1)), (64, 4)), (1, 16, 2, 1, "same", (32, 16)),
     (9, 16, 1, 2, "same", (32, 16)),
+    # Their input gradient (at most four inputs per group): strides and dilations with common
+    # factors and without, asymmetric padding, a tap set that skips whole dy pixels.
+    (7, 16, 2, 2, "same", (64, 16)), (5, 16, 3, 2, ((2, 1), (3, 0)), (32, 16)),
+    (3, 32, 2, 3, ((0, 3), (3, 1)), (64, 32)), (9, 16, 3, 1, "same", (64, 16)),
     # ... and shapes they leave to oneDNN: channels not a multiple of 16, or 3 per group.
     (3, 8, 2, 1, "same", (8, 16)), (3, 8, 1, 1, "same", (8, 8)), (3, 16, 1, 1, "same", (48, 16)),
 ]
@@ -131,7 +135,8 @@ def test_conv_bias_act_refuses_a_residual_or_bias_of_the_wrong_shape():
 def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(groups):
     """PyConvResNet-50's levels with one to four outputs per group (9x9/16, 7x7/8 and 5x5/4,
     64 -> 16) call the narrow kernels for the forward pass and the kernel gradient, the dense
-    3x3 oneDNN's primitives; the input gradient is always oneDNN's."""
+    3x3 oneDNN's primitives; the input gradient is the narrow kernels' with four inputs per group
+    (9x9/16), oneDNN's with more."""
     x, w = jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64 // groups, 16))
     conv = functools.partial(onednn_conv.conv, strides=(1, 1), padding=((1, 1), (1, 1)),
                              groups=groups)
@@ -141,8 +146,11 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     narrow = groups in (16, 8, 4)
     assert onednn_conv.runs_narrow(16, groups) == narrow
     prefix = "narrow_" if narrow else ""
+    input_prefix = "narrow_" if groups == 16 else ""
+    assert onednn_conv.runs_narrow_input_grad(64, 16, groups) == (groups == 16)
     assert targets == sorted(onednn_conv.TARGETS[kind] for kind in
-                             (prefix + "forward", "input_grad", prefix + "weight_grad"))
+                             (prefix + "forward", input_prefix + "input_grad",
+                              prefix + "weight_grad"))
     # The fused inference conv asks for the narrow kernels on the same levels.
     fused = jax.make_jaxpr(functools.partial(
         onednn_conv.conv_bias_act, relu=True, strides=(1, 1), padding=((1, 1), (1, 1)),

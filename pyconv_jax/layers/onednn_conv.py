@@ -7,12 +7,14 @@ PyTorch uses on CPU, runs each of them with its real groups on every core. :func
 for the forward pass and both gradients (a ``jax.custom_vjp``: reverse mode only), on the
 library that :mod:`pyconv_jax.native.build` compiles. Levels with at most four outputs per group
 run forward and kernel gradient in the same library's own channel-vectorised kernels instead
-(:func:`runs_narrow`), 1.3-6x faster than oneDNN's there. At inference :func:`conv_bias_act`
-applies a folded BatchNorm, the shortcut and the ReLU inside the conv's own output pass.
+(:func:`runs_narrow`), 1.3-6x faster than oneDNN's there, and so does the input gradient of those
+with at most four inputs per group (:func:`runs_narrow_input_grad`). At inference
+:func:`conv_bias_act` applies a folded BatchNorm, the shortcut and the ReLU inside the conv's own
+output pass.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
-at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 / 6.9 / 21.3, narrow kernels 4.7 / - / 4.0.
+at 56x56, XLA (split) 18.7 / 33.3 / 69.7, oneDNN 22.8 / 6.1 / 21.3, narrow kernels 4.7 / 2.3 / 4.0.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ TARGETS = {
     "input_grad": "PyconvOnednnConvInputGrad",
     "weight_grad": "PyconvOnednnConvWeightGrad",
     "narrow_forward": "PyconvNarrowConvForward",
+    "narrow_input_grad": "PyconvNarrowConvInputGrad",
     "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
     "fused_forward": "PyconvOnednnConvForwardFused",
 }
@@ -174,15 +177,34 @@ def conv_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
 NARROW_MAX_OUTPUTS_PER_GROUP = 4
 
 
+#: Of those, the ones with at most this many inputs per group also run their input gradient in
+#: the narrow kernels. Batch 16, ms, oneDNN -> narrow: 9x9/16 64->16 at 56x56 6.1 -> 2.3, the same
+#: from 112x112 with stride 2 7.6 -> 3.0, PyConvHGResNet's 9x9/32 128->32 18.3 -> 5.5; with eight
+#: inputs per group it is a draw (7x7/8 64->16 3.4 -> 3.0, strided 4.3 -> 5.2) and with sixteen
+#: oneDNN wins (5x5/4 2.1 -> 3.8).
+NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP = 4
+
+
 def runs_narrow(out_features: int, groups: int) -> bool:
     """Whether :func:`conv` runs its forward pass and kernel gradient in the narrow kernels (see
-    :data:`NARROW_MAX_OUTPUTS_PER_GROUP`); the input gradient always runs in oneDNN."""
+    :data:`NARROW_MAX_OUTPUTS_PER_GROUP`)."""
     return groups > 1 and out_features // groups <= NARROW_MAX_OUTPUTS_PER_GROUP
 
 
+def runs_narrow_input_grad(in_features: int, out_features: int, groups: int) -> bool:
+    """Whether :func:`conv` runs its input gradient in the narrow kernels too (see
+    :data:`NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP`)."""
+    return (runs_narrow(out_features, groups)
+            and in_features // groups <= NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP)
+
+
 def _target_kind(kind: str, kernel, groups: int) -> str:
-    """``kind``'s narrow-kernel version where :func:`runs_narrow` says so, else ``kind``."""
-    return f"narrow_{kind}" if runs_narrow(kernel.shape[-1], groups) else kind
+    """``kind``'s narrow-kernel version where :func:`runs_narrow` (for the input gradient
+    :func:`runs_narrow_input_grad`) says so, else ``kind``."""
+    in_features, out_features = kernel.shape[2] * groups, kernel.shape[3]
+    narrow = (runs_narrow_input_grad(in_features, out_features, groups) if kind == "input_grad"
+              else runs_narrow(out_features, groups))
+    return f"narrow_{kind}" if narrow else kind
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -211,7 +233,8 @@ def _conv_fwd(x, kernel, strides, padding, dilation, groups):
 
 def _conv_bwd(strides, padding, dilation, groups, residuals, dy):
     x, kernel = residuals
-    dx = _call("input_grad", x.shape, dy, kernel, strides, padding, dilation, groups)
+    dx = _call(_target_kind("input_grad", kernel, groups), x.shape, dy, kernel, strides, padding,
+               dilation, groups)
     dkernel = _call(_target_kind("weight_grad", kernel, groups), kernel.shape, x, dy, strides,
                     padding, dilation, groups)
     return dx, dkernel

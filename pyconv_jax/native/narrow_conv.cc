@@ -4,7 +4,8 @@
 // g = c / (C/G) and feeds that group's outputs g * (O/G) + m. For each m the forward pass is then a
 // depthwise conv of x with the kernel entries that lane's channel contributes to output m, summed
 // over the group's lanes; the weight gradient is a depthwise product of x with dy of output m
-// spread over the group's lanes (one masked load and one lane permutation per pixel).
+// spread over the group's lanes (one masked load and one lane permutation per pixel); the input
+// gradient a depthwise correlation of that spread dy with the kernel entries, with no lane sums.
 //
 // Work is split over OpenMP threads by output rows; each thread keeps its own weight-gradient
 // accumulator, summed at the end. Borders are handled by splitting each row into the pixels whose
@@ -16,6 +17,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 namespace pyconv {
@@ -269,6 +271,151 @@ void WeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dke
   }
 }
 
+// Input gradient. dx[n, ih, iw, c] sums dy[n, oh, ow, o] * kernel[i, j, c % cin, o] over the taps
+// (i, j) with oh * stride - pad + i = ih (same along width) and the outputs o of c's group. In lane
+// form: for each output m of a group, a depthwise correlation of dy spread over the lanes (as in
+// the weight gradient) with the kernel entries of `spread`, accumulated straight into dx: no lane
+// sums. Each spread dy row is computed once per thread into a ring of rows with zero margins, so
+// the inner loop has no border checks.
+
+// Output pixels p in [0, count) of one class of dx pixels (every `stride`-th): acc[p] += the sum
+// over taps t of sd[p - t] * w[t], where sd is a spread dy row and acc a dx row (stride apart).
+// Pixels are taken kBlock at a time, their accumulators held in registers: kBlock independent FMA
+// chains hide the FMA latency that a single pixel's chain of taps would expose.
+constexpr int64_t kBlock = 8;
+
+template <int NT, int P>
+__attribute__((always_inline)) inline void CorrelatePixels(const float* sd, int64_t sd_step,
+                                                           float* acc, int64_t acc_step,
+                                                           const __m512 (&w)[NT]) {
+  __m512 a[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) a[p] = _mm512_loadu_ps(acc + p * acc_step);
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) {
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      a[p] = _mm512_fmadd_ps(_mm512_loadu_ps(sd + p * kLanes - t * sd_step), w[t], a[p]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) _mm512_storeu_ps(acc + p * acc_step, a[p]);
+}
+
+template <int NT>
+void CorrelateClass(const float* sd, int64_t sd_step, int64_t count, float* acc,
+                    int64_t acc_step, const float* w, int64_t w_step) {
+  __m512 wv[NT];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) wv[t] = _mm512_loadu_ps(w + t * w_step);
+  int64_t p = 0;
+  for (; p + kBlock <= count; p += kBlock) {
+    CorrelatePixels<NT, kBlock>(sd + p * kLanes, sd_step, acc + p * acc_step, acc_step, wv);
+  }
+  for (; p < count; ++p) {
+    CorrelatePixels<NT, 1>(sd + p * kLanes, sd_step, acc + p * acc_step, acc_step, wv);
+  }
+}
+
+// The spread dy rows one thread needs, kept for the dx rows that read them again.
+class SpreadRows {
+ public:
+  SpreadRows(const NarrowConv& g, const std::vector<LaneMap>& maps, int64_t left, int64_t width)
+      : g_(g), maps_(maps), left_(left), width_(width),
+        slots_((g.kh - 1) * g.dil_h / g.stride_h + 2),
+        row_size_(static_cast<int64_t>(maps.size()) * width * kLanes),
+        data_(slots_ * row_size_, 0.0f), tags_(slots_, -1) {}
+
+  // The spread row of dy row q (= n * out_h + oh) for output m and channel block b, margins
+  // included: pixel ow at index (left + ow) * kLanes.
+  const float* Get(const float* dy, int64_t q, int64_t m, int64_t b) {
+    const int64_t slot = q % slots_;
+    float* row = data_.data() + slot * row_size_;
+    if (tags_[slot] != q) {
+      const float* dy_row = dy + q * g_.out_w * g_.out_c;
+      for (size_t e = 0; e < maps_.size(); ++e) {
+        const LaneMap& map = maps_[e];
+        const __m512i index = _mm512_loadu_si512(map.index);
+        const __mmask16 mask = static_cast<__mmask16>((1u << map.width) - 1);
+        float* sd = row + (e * width_ + left_) * kLanes;
+        for (int64_t ow = 0; ow < g_.out_w; ++ow) {
+          _mm512_storeu_ps(sd + ow * kLanes, Spread(dy_row + ow * g_.out_c, map, index, mask));
+        }
+      }
+      tags_[slot] = q;
+    }
+    const int64_t blocks = g_.c / kLanes;
+    return row + ((m * blocks + b) * width_ + left_) * kLanes;
+  }
+
+ private:
+  const NarrowConv& g_;
+  const std::vector<LaneMap>& maps_;
+  int64_t left_, width_, slots_, row_size_;
+  std::vector<float> data_;
+  std::vector<int64_t> tags_;
+};
+
+#define PYCONV_BY_TAPS(fn, nt, ...)       \
+  switch (nt) {                           \
+    case 1: fn<1>(__VA_ARGS__); break;    \
+    case 2: fn<2>(__VA_ARGS__); break;    \
+    case 3: fn<3>(__VA_ARGS__); break;    \
+    case 4: fn<4>(__VA_ARGS__); break;    \
+    case 5: fn<5>(__VA_ARGS__); break;    \
+    case 6: fn<6>(__VA_ARGS__); break;    \
+    case 7: fn<7>(__VA_ARGS__); break;    \
+    case 8: fn<8>(__VA_ARGS__); break;    \
+    case 9: fn<9>(__VA_ARGS__); break;    \
+    case 10: fn<10>(__VA_ARGS__); break;  \
+    case 11: fn<11>(__VA_ARGS__); break;  \
+  }
+
+void InputGrad(const NarrowConv& g, const float* dy, const float* kernel, float* dx) {
+  const std::vector<float> spread = SpreadKernel(g, kernel);
+  const std::vector<LaneMap> maps = LaneMaps(g);
+  const int64_t blocks = g.c / kLanes, k = OutPerGroup(g), s = g.stride_w, d = g.dil_w;
+  // Along width, dx pixel iw takes the taps j with (iw + pad_l - j d) divisible by s, from dy
+  // pixel ow = (iw + pad_l - j d) / s. For the pixels iw0, iw0 + s, ... those are the taps
+  // j = jc, jc + s / e, ... (e = gcd(s, d)) at ow = o0 + p - t d / e, a correlation along ow.
+  const int64_t e = std::gcd(s, d), tap_step = s / e, ow_step = d / e;
+  // Spread rows cover every ow that a dx pixel's taps reach, [-left, width - left).
+  const int64_t left = std::max<int64_t>(0, -FloorDiv(g.pad_l - (g.kw - 1) * d, s));
+  const int64_t width = left + std::max(g.out_w, FloorDiv(g.w - 1 + g.pad_l, s) + 1);
+  const int64_t rows = g.n * g.h;
+#pragma omp parallel
+  {
+    const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+    SpreadRows spread_rows(g, maps, left, width);
+    for (int64_t r = rows * t / count; r < rows * (t + 1) / count; ++r) {
+      const int64_t n = r / g.h, ih = r % g.h;
+      float* dx_row = dx + r * g.w * g.c;
+      std::fill(dx_row, dx_row + g.w * g.c, 0.0f);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t num = ih + g.pad_t - i * g.dil_h;
+        if (num < 0 || num % g.stride_h != 0 || num / g.stride_h >= g.out_h) continue;
+        const int64_t q = n * g.out_h + num / g.stride_h;
+        for (int64_t m = 0; m < k; ++m) {
+          for (int64_t b = 0; b < blocks; ++b) {
+            const float* sd = spread_rows.Get(dy, q, m, b);
+            const float* w = spread.data() + (m * g.kh + i) * g.kw * g.c + b * kLanes;
+            for (int64_t iw0 = 0; iw0 < std::min(s, g.w); ++iw0) {
+              int64_t jc = 0;
+              while (jc < std::min(tap_step, g.kw) && (iw0 + g.pad_l - jc * d) % s != 0) ++jc;
+              if (jc >= std::min(tap_step, g.kw) || (iw0 + g.pad_l - jc * d) % s != 0) continue;
+              const int64_t taps = (g.kw - jc + tap_step - 1) / tap_step;
+              const int64_t o0 = FloorDiv(iw0 + g.pad_l - jc * d, s);
+              PYCONV_BY_TAPS(CorrelateClass, taps, sd + o0 * kLanes, ow_step * kLanes,
+                             (g.w - iw0 + s - 1) / s, dx_row + iw0 * g.c + b * kLanes, s * g.c,
+                             w + jc * g.c, tap_step * g.c)
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // y_row + bias, then max(., 0) with `relu`, over one output row.
 void BiasRow(const NarrowConv& g, const float* bias, bool relu, float* y_row) {
   for (int64_t ow = 0; ow < g.out_w; ++ow) {
@@ -320,6 +467,10 @@ void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, flo
 
 void NarrowWeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {
   PYCONV_BY_KERNEL_WIDTH(WeightGrad, g.kw, g, x, dy, dkernel)
+}
+
+void NarrowInputGrad(const NarrowConv& g, const float* dy, const float* kernel, float* dx) {
+  InputGrad(g, dy, kernel, dx);
 }
 
 #pragma GCC pop_options

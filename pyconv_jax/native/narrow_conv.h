@@ -36,6 +36,9 @@ void NarrowForward(const NarrowConv& conv, const float* x, const float* kernel, 
 // The kernel's gradient [kh, kw, C/groups, O] from x and dy.
 void NarrowWeightGrad(const NarrowConv& conv, const float* x, const float* dy, float* dkernel);
 
+// The input's gradient [n, h, w, c] from dy and the kernel.
+void NarrowInputGrad(const NarrowConv& conv, const float* dy, const float* kernel, float* dx);
+
 }  // namespace pyconv
 
 #endif  // PYCONV_JAX_NATIVE_NARROW_CONV_H_

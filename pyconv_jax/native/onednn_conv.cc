@@ -299,7 +299,6 @@ ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
                          int64_t pad_b, int64_t pad_r, int64_t dil_h, int64_t dil_w,
                          int64_t groups) {
   const Attrs attrs{stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups};
-  static_assert(kind != Kind::kInputGrad, "no narrow input-gradient kernel: oneDNN's is faster");
   Operands o;
   if (ffi::Error error = Resolve(kind, a, b, out, attrs, o); error.failure()) return error;
   const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
@@ -311,8 +310,10 @@ ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
   auto* y = static_cast<float*>(o.y_data);
   if (kind == Kind::kForward) {
     pyconv::NarrowForward(conv, x, w, y);
-  } else {
+  } else if (kind == Kind::kWeightGrad) {
     pyconv::NarrowWeightGrad(conv, x, y, w);
+  } else {
+    pyconv::NarrowInputGrad(conv, y, w, x);
   }
   return ffi::Error::Success();
 }
@@ -395,6 +396,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForward, Handler<Kind::kForward>, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvInputGrad, Handler<Kind::kInputGrad>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightGrad>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvForward, NarrowHandler<Kind::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvInputGrad, NarrowHandler<Kind::kInputGrad>,
+                              Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvWeightGrad, NarrowHandler<Kind::kWeightGrad>,
                               Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForwardFused, FusedForward, FusedBinding());
