@@ -55,8 +55,24 @@ CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
 def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, padding, channels):
     """Forward, input gradient and kernel gradient equal XLA's grouped conv to float rounding,
     on an odd, non-square image and a cotangent that is not all ones."""
+    _check_against_xla((3, 13, 11), kernel, groups, stride, dilation, padding, channels)
+
+
+@pytest.mark.parametrize("kernel,groups,stride,channels", [
+    (9, 16, 1, (64, 16)), (9, 16, 2, (64, 16)), (7, 8, 1, (64, 16)), (7, 8, 2, (64, 16)),
+    (5, 4, 1, (64, 16)), (5, 4, 2, (64, 16)), (11, 16, 1, (32, 16)), (3, 16, 2, (64, 32)),
+    (1, 16, 1, (32, 16)),
+])
+def test_narrow_kernels_match_xla_on_rows_wide_enough_for_their_pixel_blocks(
+        kernel, groups, stride, channels):
+    """The narrow kernels take eight output pixels at a time where all their taps fall inside the
+    image (undilated, stride 1 or 2): rows wide enough for one or more such blocks and a tail."""
+    _check_against_xla((2, 6, 45), kernel, groups, stride, 1, "same", channels)
+
+
+def _check_against_xla(image, kernel, groups, stride, dilation, padding, channels):
     c, out = channels
-    x = jax.random.normal(jax.random.key(0), (3, 13, 11, c))
+    x = jax.random.normal(jax.random.key(0), (*image, c))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, c // groups, out))
     if padding == "same":
         p = dilation * (kernel - 1) // 2

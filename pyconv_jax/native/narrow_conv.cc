@@ -28,6 +28,9 @@ constexpr int64_t kMaxKernelWidth = 11;
 // Output rows a weight-gradient pass walks before moving to the next channel block: their input
 // rows (about a hundred kilobytes) stay in cache across the block's kernel rows.
 constexpr int64_t kRowBlock = 4;
+// The forward pass and input gradient take output pixels kBlock at a time, their accumulators held
+// in registers: kBlock independent FMA chains hide the latency of a single pixel's chain of taps.
+constexpr int64_t kBlock = 8;
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -133,20 +136,26 @@ __attribute__((always_inline)) inline void WeightGradPixel(
   }
 }
 
-// One kernel row's taps into output pixel `ow` of the depthwise conv `z`.
-template <int KW, bool kCheck>
-__attribute__((always_inline)) inline void ForwardPixel(const NarrowConv& g, const float* x_row,
-                                                        int64_t ow, const __m512 (&wv)[KW],
-                                                        float* z) {
-  __m512 acc = _mm512_loadu_ps(z + ow * kLanes);
-  const int64_t iw0 = ow * g.stride_w - g.pad_l;
+// WeightGradPixel for kBlock pixels of an undilated row with stride S, all of whose taps fall
+// inside the image: each input pixel is loaded once and multiplied into every accumulator it feeds.
+template <int KW, int S>
+__attribute__((always_inline)) inline void WeightGradBlock(
+    const NarrowConv& g, const float* x_row, const float* dy_row, int64_t ow, const LaneMap& map,
+    __m512i index, __mmask16 mask, __m512 (&a)[KW]) {
+  __m512 d[kBlock];
 #pragma GCC unroll 16
-  for (int j = 0; j < KW; ++j) {
-    const int64_t iw = iw0 + j * g.dil_w;
-    if (kCheck && (iw < 0 || iw >= g.w)) continue;
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x_row + iw * g.c), wv[j], acc);
+  for (int p = 0; p < kBlock; ++p) d[p] = Spread(dy_row + (ow + p) * g.out_c, map, index, mask);
+  const float* x_block = x_row + (ow * S - g.pad_l) * g.c;
+  constexpr int kInputs = (kBlock - 1) * S + KW;
+#pragma GCC unroll 32
+  for (int q = 0; q < kInputs; ++q) {
+    const __m512 xv = _mm512_loadu_ps(x_block + q * g.c);
+#pragma GCC unroll 16
+    for (int p = 0; p < kBlock; ++p) {
+      const int j = q - p * S;
+      if (j >= 0 && j < KW) a[j] = _mm512_fmadd_ps(xv, d[p], a[j]);
+    }
   }
-  _mm512_storeu_ps(z + ow * kLanes, acc);
 }
 
 template <int KW>
@@ -154,6 +163,7 @@ void WeightGradRows(const NarrowConv& g, const float* x, const float* dy, int64_
                     int64_t row_end, const std::vector<LaneMap>& maps, float* acc) {
   const int64_t blocks = g.c / kLanes, k = OutPerGroup(g);
   const Interior interior = InteriorColumns(g);
+  const bool blocked = g.dil_w == 1 && (g.stride_w == 1 || g.stride_w == 2);
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kRowBlock) {
     const int64_t r1 = std::min(row_end, r0 + kRowBlock);
     for (int64_t m = 0; m < k; ++m) {
@@ -175,7 +185,15 @@ void WeightGradRows(const NarrowConv& g, const float* x, const float* dy, int64_
             for (int64_t ow = 0; ow < interior.lo; ++ow) {
               WeightGradPixel<KW, true>(g, x_row, dy_row, ow, map, index, mask, a);
             }
-            for (int64_t ow = interior.lo; ow < interior.hi; ++ow) {
+            int64_t ow = interior.lo;
+            for (; blocked && ow + kBlock <= interior.hi; ow += kBlock) {
+              if (g.stride_w == 1) {
+                WeightGradBlock<KW, 1>(g, x_row, dy_row, ow, map, index, mask, a);
+              } else {
+                WeightGradBlock<KW, 2>(g, x_row, dy_row, ow, map, index, mask, a);
+              }
+            }
+            for (; ow < interior.hi; ++ow) {
               WeightGradPixel<KW, false>(g, x_row, dy_row, ow, map, index, mask, a);
             }
             for (int64_t ow = interior.hi; ow < g.out_w; ++ow) {
@@ -190,54 +208,127 @@ void WeightGradRows(const NarrowConv& g, const float* x, const float* dy, int64_
   }
 }
 
-// One output row: for each output m of a group and each channel block, the depthwise conv into
-// `z` (one 16-lane vector per output pixel), then each group's lanes summed into y.
+// Output pixels [ow, ow + P) of output row (n, oh) for output m of each group of channel block
+// b: the depthwise conv of x with `w` (that block's spread kernel entries for m), accumulated in
+// registers over every tap; `kCheck` for pixels whose taps may fall outside the image along width.
+template <int KW, int P, bool kCheck>
+__attribute__((always_inline)) inline void ForwardPixels(const NarrowConv& g, const float* x,
+                                                         const float* w, int64_t oh, int64_t ow,
+                                                         __m512 (&a)[P]) {
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) a[p] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_t + i * g.dil_h;
+    if (ih < 0 || ih >= g.h) continue;
+    const float* x_row = x + ih * g.w * g.c;
+    const float* w_row = w + i * KW * g.c;
+#pragma GCC unroll 16
+    for (int j = 0; j < KW; ++j) {
+      const __m512 wv = _mm512_loadu_ps(w_row + j * g.c);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const int64_t iw = (ow + p) * g.stride_w - g.pad_l + j * g.dil_w;
+        if (kCheck && (iw < 0 || iw >= g.w)) continue;
+        a[p] = _mm512_fmadd_ps(_mm512_loadu_ps(x_row + iw * g.c), wv, a[p]);
+      }
+    }
+  }
+}
+
+// ForwardPixels for kBlock pixels of an undilated row with stride S, all of whose taps fall inside
+// the image: each input pixel is loaded once per kernel row and multiplied into every accumulator
+// it feeds, the row's kernel entries held in registers.
+template <int KW, int S>
+__attribute__((always_inline)) inline void ForwardBlock(const NarrowConv& g, const float* x,
+                                                        const float* w, int64_t oh, int64_t ow,
+                                                        __m512 (&a)[kBlock]) {
+#pragma GCC unroll 16
+  for (int p = 0; p < kBlock; ++p) a[p] = _mm512_setzero_ps();
+  constexpr int kInputs = (kBlock - 1) * S + KW;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_t + i * g.dil_h;
+    if (ih < 0 || ih >= g.h) continue;
+    const float* x_row = x + (ih * g.w + ow * S - g.pad_l) * g.c;
+    __m512 wv[KW];
+#pragma GCC unroll 16
+    for (int j = 0; j < KW; ++j) wv[j] = _mm512_loadu_ps(w + (i * KW + j) * g.c);
+#pragma GCC unroll 32
+    for (int q = 0; q < kInputs; ++q) {
+      const __m512 xv = _mm512_loadu_ps(x_row + q * g.c);
+#pragma GCC unroll 16
+      for (int p = 0; p < kBlock; ++p) {
+        const int j = q - p * S;
+        if (j >= 0 && j < KW) a[p] = _mm512_fmadd_ps(xv, wv[j], a[p]);
+      }
+    }
+  }
+}
+
+// Sums each group's lanes of the P pixel vectors `a` into their output (`m` of each group in
+// block b) of the output row y_row, from pixel ow on.
+template <int P>
+__attribute__((always_inline)) inline void SumGroupLanes(const NarrowConv& g, const __m512 (&a)[P],
+                                                         int64_t b, int64_t m, int64_t ow,
+                                                         float* y_row) {
+  const int64_t k = OutPerGroup(g), cin = InPerGroup(g);
+  if (cin >= kLanes) {
+    const int64_t out = (b * kLanes / cin) * k + m;
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) y_row[(ow + p) * g.out_c + out] += _mm512_reduce_add_ps(a[p]);
+    return;
+  }
+  // A tree of lane swaps leaves each group's sum in its first lane.
+  const int64_t groups_here = kLanes / cin, g0 = b * groups_here;
+  alignas(64) float sums[kLanes];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    __m512 v = a[p];
+    for (int64_t step = 1; step < cin; step *= 2) {
+      v = _mm512_add_ps(v, _mm512_permutexvar_ps(
+          _mm512_xor_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                           _mm512_set1_epi32(static_cast<int>(step))), v));
+    }
+    _mm512_store_ps(sums, v);
+    float* yp = y_row + (ow + p) * g.out_c + g0 * k + m;
+    for (int64_t q = 0; q < groups_here; ++q) yp[q * k] = sums[q * cin];
+  }
+}
+
+// One output row, kBlock pixels at a time between the checked pixels near the edges.
 template <int KW>
 void ForwardRow(const NarrowConv& g, const float* x, const float* spread_kernel, int64_t r,
-                float* z, float* y) {
-  const int64_t blocks = g.c / kLanes, k = OutPerGroup(g), cin = InPerGroup(g);
+                float* y) {
+  const int64_t blocks = g.c / kLanes, k = OutPerGroup(g);
   const Interior interior = InteriorColumns(g);
   const int64_t n = r / g.out_h, oh = r % g.out_h;
   float* y_row = y + r * g.out_w * g.out_c;
   std::fill(y_row, y_row + g.out_w * g.out_c, 0.0f);
   for (int64_t m = 0; m < k; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
-      std::fill(z, z + g.out_w * kLanes, 0.0f);
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.stride_h - g.pad_t + i * g.dil_h;
-        if (ih < 0 || ih >= g.h) continue;
-        const float* x_row = x + ((n * g.h + ih) * g.w) * g.c + b * kLanes;
-        __m512 wv[KW];
-#pragma GCC unroll 16
-        for (int j = 0; j < KW; ++j) {
-          wv[j] = _mm512_loadu_ps(spread_kernel + ((m * g.kh + i) * KW + j) * g.c + b * kLanes);
-        }
-        for (int64_t ow = 0; ow < interior.lo; ++ow) {
-          ForwardPixel<KW, true>(g, x_row, ow, wv, z);
-        }
-        for (int64_t ow = interior.lo; ow < interior.hi; ++ow) {
-          ForwardPixel<KW, false>(g, x_row, ow, wv, z);
-        }
-        for (int64_t ow = interior.hi; ow < g.out_w; ++ow) {
-          ForwardPixel<KW, true>(g, x_row, ow, wv, z);
-        }
+      const float* x_b = x + n * g.h * g.w * g.c + b * kLanes;
+      const float* w = spread_kernel + m * g.kh * KW * g.c + b * kLanes;
+      __m512 one[1], block[kBlock];
+      for (int64_t ow = 0; ow < interior.lo; ++ow) {
+        ForwardPixels<KW, 1, true>(g, x_b, w, oh, ow, one);
+        SumGroupLanes<1>(g, one, b, m, ow, y_row);
       }
-      if (cin >= kLanes) {
-        const int64_t out = (b * kLanes / cin) * k + m;
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          y_row[ow * g.out_c + out] += _mm512_reduce_add_ps(_mm512_loadu_ps(z + ow * kLanes));
+      int64_t ow = interior.lo;
+      const bool blocked = g.dil_w == 1 && (g.stride_w == 1 || g.stride_w == 2);
+      for (; blocked && ow + kBlock <= interior.hi; ow += kBlock) {
+        if (g.stride_w == 1) {
+          ForwardBlock<KW, 1>(g, x_b, w, oh, ow, block);
+        } else {
+          ForwardBlock<KW, 2>(g, x_b, w, oh, ow, block);
         }
-      } else {
-        const int64_t groups_here = kLanes / cin, g0 = b * groups_here;
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const float* zp = z + ow * kLanes;
-          float* yp = y_row + ow * g.out_c + g0 * k + m;
-          for (int64_t q = 0; q < groups_here; ++q) {
-            float s = 0.0f;
-            for (int64_t l = 0; l < cin; ++l) s += zp[q * cin + l];
-            yp[q * k] = s;
-          }
-        }
+        SumGroupLanes<kBlock>(g, block, b, m, ow, y_row);
+      }
+      for (; ow < interior.hi; ++ow) {
+        ForwardPixels<KW, 1, false>(g, x_b, w, oh, ow, one);
+        SumGroupLanes<1>(g, one, b, m, ow, y_row);
+      }
+      for (ow = interior.hi; ow < g.out_w; ++ow) {
+        ForwardPixels<KW, 1, true>(g, x_b, w, oh, ow, one);
+        SumGroupLanes<1>(g, one, b, m, ow, y_row);
       }
     }
   }
@@ -280,10 +371,6 @@ void WeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dke
 
 // Output pixels p in [0, count) of one class of dx pixels (every `stride`-th): acc[p] += the sum
 // over taps t of sd[p - t] * w[t], where sd is a spread dy row and acc a dx row (stride apart).
-// Pixels are taken kBlock at a time, their accumulators held in registers: kBlock independent FMA
-// chains hide the FMA latency that a single pixel's chain of taps would expose.
-constexpr int64_t kBlock = 8;
-
 template <int NT, int P>
 __attribute__((always_inline)) inline void CorrelatePixels(const float* sd, int64_t sd_step,
                                                            float* acc, int64_t acc_step,
@@ -432,14 +519,10 @@ void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y,
              const float* bias, bool relu) {
   const std::vector<float> spread = SpreadKernel(g, kernel);
   const int64_t rows = g.n * g.out_h;
-#pragma omp parallel
-  {
-    std::vector<float> z(g.out_w * kLanes);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      ForwardRow<KW>(g, x, spread.data(), r, z.data(), y);
-      if (bias != nullptr) BiasRow(g, bias, relu, y + r * g.out_w * g.out_c);
-    }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    ForwardRow<KW>(g, x, spread.data(), r, y);
+    if (bias != nullptr) BiasRow(g, bias, relu, y + r * g.out_w * g.out_c);
   }
 }
 
