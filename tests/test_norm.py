@@ -171,7 +171,8 @@ def test_gradients_flow_through_the_returned_statistics():
 def test_the_backward_pass_writes_only_the_gradients():
     """XLA:CPU writes out ``x - mean`` (or the broadcast mean) as a whole tensor when the backward
     pass reduces over it. Compiled (not run) at a ResNet stage-1 size, where XLA:CPU hands the
-    reductions to its YNNPACK fusions: the only full-size tensors written are dx and dz."""
+    reductions to its YNNPACK fusions: the only full-size tensors written are the forward's
+    output (once, for the ReLU mask) and, backward, dx and dz."""
     shape = (16, 56, 56, 64)
     x = residual = cotangent = jnp.zeros(shape)
     scale = bias = jnp.ones(shape[-1])
@@ -186,8 +187,10 @@ def test_the_backward_pass_writes_only_the_gradients():
     entry = hlo[hlo.index("ENTRY"):]
     written = [line for line in entry.splitlines() if " = " in line
                and f"f32[{','.join(map(str, shape))}]" in line.split(" = ")[1].split("(")[0]
-               and not any(op in line for op in ("parameter(", " bitcast(", " tuple("))]
-    assert len(written) <= 2, "\n".join(written)
+               and not any(op in line for op in ("parameter(", " bitcast(", " tuple("))
+               and "output_to_operand_aliasing" not in line]  # materialize() writes nothing
+    backward = [line for line in written if "transpose(" in line]
+    assert len(backward) <= 2 and len(written) - len(backward) <= 1, "\n".join(written)
 
 
 def test_residual_of_another_shape_is_refused():

@@ -13,6 +13,10 @@ temporary memory fell from 2,651 to 1,936 MiB, and the step by 6-10% (docs/bench
 ``bias``; ``batch_stats``: ``mean``, ``var``), the same statistics (the fast variance
 ``E[x^2] - E[x]^2``, clipped at zero, in float32), the same running-average update and the same
 rounding of the output to ``dtype``, so checkpoints and converted weights load unchanged.
+
+In training the output is written out once (:func:`~pyconv_jax.layers.materialize.materialize`):
+XLA:CPU would otherwise recompute a stage's whole residual chain in every fusion that reads a
+block's output, forward and backward.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pyconv_jax.layers.epilogue import Epilogue
+from pyconv_jax.layers.materialize import materialize
 
 Dtype = Any
 
@@ -68,8 +73,9 @@ def _forward(x, scale, bias, residual, epsilon, relu, dtype):
     mean, var = _statistics(x)
     inv_std = lax.rsqrt(var + epsilon)
     multiplier = inv_std * scale.astype(jnp.float32)
-    y = _finish((x.astype(jnp.float32) - mean) * multiplier + bias.astype(jnp.float32), residual,
-                relu, dtype)
+    # Written out once: a residual chain of these would otherwise be recomputed by every reader.
+    y = materialize(_finish((x.astype(jnp.float32) - mean) * multiplier
+                            + bias.astype(jnp.float32), residual, relu, dtype))
     return (y, mean, var), (x, y if relu else None, scale, bias, mean, inv_std, residual)
 
 

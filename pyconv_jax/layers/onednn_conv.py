@@ -39,6 +39,7 @@ TARGETS = {
     "narrow_input_grad": "PyconvNarrowConvInputGrad",
     "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
     "fused_forward": "PyconvOnednnConvForwardFused",
+    "materialize": "PyconvMaterialize",
 }
 
 Padding = tuple[tuple[int, int], tuple[int, int]]

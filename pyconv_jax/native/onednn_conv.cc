@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -390,8 +391,19 @@ auto FusedBinding() {
       .Attr<int64_t>("narrow");
 }
 
+// The identity, its output aliased to its input: XLA writes the input out and cannot fuse its
+// computation into the output's users (see pyconv_jax/layers/materialize.py).
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.untyped_data() != y->untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForward, Handler<Kind::kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvInputGrad, Handler<Kind::kInputGrad>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvWeightGrad, Handler<Kind::kWeightGrad>, Binding());
