@@ -171,10 +171,10 @@ def conv_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
 #: channel-vectorised kernels of ``native/narrow_conv.cc`` (AVX-512; oneDNN elsewhere). oneDNN's
 #: grouped kernels vectorise over a group's outputs and idle most of each vector when there are
 #: few; those kernels vectorise over input channels. Batch 16, 56x56, ms, forward / weight
-#: gradient, oneDNN -> narrow: 9x9/16 64->16 6.4 (as depthwise convs; 23.1 grouped) / 24.2 ->
-#: 4.7 / 4.0; 7x7/8 7.8 / 13.4 -> 6.1 / 4.8; 5x5/4 8.2 / 8.4 -> 6.6 / 6.1; PyConvHGResNet's
-#: 9x9/32 128->32 59.9 / 50.7 -> 10.3 / 9.3. With eight outputs per group (stage 2's 5x5/4,
-#: 128->32 at 28x28) they are 1.5-3x slower, hence the threshold.
+#: gradient, oneDNN -> narrow: 9x9/16 64->16 6.4 (as depthwise convs; 20.1 grouped) / 19.6 ->
+#: 2.6 / 2.3; 7x7/8 11.8 / 11.9 -> 3.4 / 2.9; 5x5/4 6.3 / 6.6 -> 3.8 / 3.4; PyConvHGResNet's
+#: 9x9/32 128->32 53.9 / 41.6 -> 5.5 / 4.5. With eight outputs per group (stage 2's 5x5/4 128->32
+#: and 7x7/8 128->64 at 28x28) they are 1.1-1.5x slower, hence the threshold.
 NARROW_MAX_OUTPUTS_PER_GROUP = 4
 
 

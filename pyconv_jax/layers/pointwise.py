@@ -2,7 +2,7 @@
 
 Under the ``onednn`` lowering (``auto`` on one CPU device, float32) a 1x1 conv is oneDNN's,
 forward and both gradients: a PyConvResNet-50 train step is 5% faster than with XLA:CPU's matrix
-products, whose backward pass runs at 120-310 GF/s against oneDNN's 290-390 (batch 16,
+products, whose backward pass runs at 120-350 GF/s against oneDNN's 290-390 (batch 16,
 docs/benchmarks.md). Elsewhere it is a matrix product over the channel axis, which runs 2-2.4x
 faster forward and backward on XLA:CPU than the same ``conv_general_dilated``. Written as one
 2-D product of the ``[N*H*W, C]`` pixels, its backward pass is up to 3x faster again than the
