@@ -13,6 +13,7 @@ from pyconv_jax.layers.epilogue import Epilogue
 from pyconv_jax.layers.lowering import fuses_epilogue
 from pyconv_jax.layers.norm import BatchNorm
 from pyconv_jax.models import create_model
+from tests.jaxpr_helpers import ffi_calls
 from tests.conftest import fast_variables
 
 needs_onednn = pytest.mark.skipif(not onednn_conv.available(),
@@ -23,19 +24,6 @@ def _close(got, want, rtol):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=rtol * scale)
-
-
-def _ffi_targets(fn, *args):
-    """Names of the FFI targets ``fn(*args)`` calls, with repeats, nested jaxprs included."""
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "ffi_call":
-                yield eqn.params["target_name"]
-            for param in eqn.params.values():
-                inner = getattr(param, "jaxpr", param)
-                if hasattr(inner, "eqns"):
-                    yield from walk(inner)
-    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def test_epilogue_is_the_batchnorm_it_folds():
@@ -78,7 +66,7 @@ def test_fused_inference_matches_the_unfused_model(name):
     # One fused FFI conv per conv of the network (pyramid levels counted one by one).
     convs = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
                 if path[-1].key == "kernel" and "fc" not in jax.tree_util.keystr(path))
-    targets = _ffi_targets(apply, variables, x)
+    targets = ffi_calls(apply, variables, x)
     assert len(targets) == convs
     assert set(targets) == {onednn_conv.TARGETS["fused_forward"]}
 

@@ -12,6 +12,7 @@ from jax import lax
 
 from pyconv_jax.layers import lowering, onednn_conv
 from pyconv_jax.native import build
+from tests.jaxpr_helpers import equations
 
 
 def xla_conv(x, kernel, strides, padding, dilation, groups):
@@ -157,7 +158,7 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     conv = functools.partial(onednn_conv.conv, strides=(1, 1), padding=((1, 1), (1, 1)),
                              groups=groups)
     jaxpr = jax.make_jaxpr(lambda x, w: jax.vjp(conv, x, w)[1](jnp.ones((2, 8, 8, 16))))(x, w)
-    targets = sorted(eqn.params["target_name"] for eqn in _equations(jaxpr.jaxpr)
+    targets = sorted(eqn.params["target_name"] for eqn in equations(jaxpr.jaxpr)
                      if eqn.primitive.name == "ffi_call")
     narrow = groups in (16, 8, 4)
     assert onednn_conv.runs_narrow(16, groups) == narrow
@@ -171,7 +172,7 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     fused = jax.make_jaxpr(functools.partial(
         onednn_conv.conv_bias_act, relu=True, strides=(1, 1), padding=((1, 1), (1, 1)),
         groups=groups))(x, w, jnp.ones(16))
-    (call,) = [eqn for eqn in _equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]
+    (call,) = [eqn for eqn in equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]
     assert call.params["target_name"] == onednn_conv.TARGETS["fused_forward"]
     assert int(dict(call.params["attributes"])["narrow"]) == int(narrow)
 
@@ -192,16 +193,6 @@ def test_the_narrow_kernels_themselves_run_on_avx512_cpus():
     assert not onednn_conv.narrow_kernels_run((3, 13, 11, 48), (3, 3, 3, 16), groups=16, **same)
     assert not onednn_conv.narrow_kernels_run((3, 13, 11, 64), (13, 13, 4, 16), groups=16,
                                               strides=(1, 1), padding=((6, 6), (6, 6)))
-
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr, those of its sub-jaxprs (custom_vjp, pjit) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _equations(inner)
 
 
 def test_pyconv_levels_match_the_grouped_lowering_under_vmap_and_jit():

@@ -6,23 +6,10 @@ import numpy as np
 import pytest
 
 from pyconv_jax.layers import PointwiseConv, onednn_conv
+from tests.jaxpr_helpers import ffi_targets
 
 pytestmark = pytest.mark.skipif(not onednn_conv.available(),
                                 reason="the native library is not built here")
-
-
-def _ffi_targets(fn, *args):
-    return sorted({eqn.params["target_name"] for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr)
-                   if eqn.primitive.name == "ffi_call"})
-
-
-def _equations(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _equations(inner)
 
 
 @pytest.mark.parametrize("strides", [1, 2])
@@ -51,6 +38,6 @@ def test_onednn_matches_the_matrix_product_forward_and_backward(strides, shape, 
     grads = lambda module: jax.grad(  # noqa: E731
         lambda p, x: jnp.sum(module.apply(p, x)), (0, 1))
     auto = PointwiseConv(features, strides=strides)
-    assert _ffi_targets(grads(auto), params, x) == sorted(
+    assert ffi_targets(grads(auto), params, x) == sorted(
         onednn_conv.TARGETS[kind] for kind in ("forward", "input_grad", "weight_grad"))
-    assert _ffi_targets(grads(product), params, x) == []
+    assert ffi_targets(grads(product), params, x) == []
