@@ -28,8 +28,9 @@ constexpr int64_t kMaxKernelWidth = 11;
 // Output rows a weight-gradient pass walks before moving to the next channel block: their input
 // rows (about a hundred kilobytes) stay in cache across the block's kernel rows.
 constexpr int64_t kRowBlock = 4;
-// The forward pass and input gradient take output pixels kBlock at a time, their accumulators held
-// in registers: kBlock independent FMA chains hide the latency of a single pixel's chain of taps.
+// All three kernels take output pixels kBlock at a time where they can, with the accumulators in
+// registers: independent FMA chains hide the latency of a single pixel's chain of taps, and each
+// input pixel is loaded once for all the accumulators it feeds.
 constexpr int64_t kBlock = 8;
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
