@@ -1,7 +1,5 @@
 """PyConv layer: counts from the seed articles, equality with a naive reference, gradients, errors."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -221,24 +219,3 @@ def test_space_to_depth_conv_equals_the_strided_conv(kernel, size):
     for a, b in zip(jax.grad(lambda x, w: jnp.sum(space_to_depth_conv(x, w) * target), (0, 1))(x, w),
                     jax.grad(lambda x, w: jnp.sum(strided(x, w) * target), (0, 1))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_equals_flax_forward_and_backward(ties):
-    """Our pool routes each window's gradient to its first maximum, as XLA's select_and_scatter
-    does; with ties (post-ReLU zeros, repeated values) a wrong choice would move whole units."""
-    from pyconv_jax.layers.pooling import max_pool
-
-    rng = np.random.default_rng(0)
-    for shape in [(2, 9, 7, 3), (2, 8, 8, 4), (1, 5, 6, 2)]:  # odd and even sizes
-        x = rng.normal(size=shape).astype(np.float32)
-        if ties:
-            x = np.round(np.maximum(x, 0) * 2) / 2
-        x = jnp.asarray(x)
-        ref = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),
-                                padding=((1, 1), (1, 1)))
-        w = jnp.asarray(rng.normal(size=ref(x).shape), jnp.float32)
-        np.testing.assert_array_equal(max_pool(x, 3, 2, 1), ref(x))
-        ours = jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1) * w))(x)
-        theirs = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)

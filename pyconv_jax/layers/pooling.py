@@ -32,9 +32,17 @@ def _views(x: jax.Array, window: int, stride: int, padding: int):
     return xp.shape, views
 
 
+def _check(window: int, stride: int, padding: int) -> None:
+    """A pool whose windows can lie wholly in the padding has no meaning (they would hold -inf)."""
+    if window < 1 or stride < 1 or not 0 <= padding < window:
+        raise ValueError(f"max_pool needs window >= 1, stride >= 1 and 0 <= padding < window; got "
+                         f"window={window}, stride={stride}, padding={padding}.")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
     """Square max pooling of NHWC ``x``, symmetric padding; equal to ``flax.linen.max_pool``."""
+    _check(window, stride, padding)
     _, views = _views(x, window, stride, padding)
     return functools.reduce(jnp.maximum, views)
 
