@@ -12,7 +12,7 @@ from jax import lax
 
 from pyconv_jax.layers import lowering, onednn_conv
 from pyconv_jax.native import build
-from tests.jaxpr_helpers import equations
+from tests.jaxpr_helpers import equations, ffi_calls
 
 
 def xla_conv(x, kernel, strides, padding, dilation, groups):
@@ -47,6 +47,13 @@ CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
     # factors and without, asymmetric padding, a tap set that skips whole dy pixels.
     (7, 16, 2, 2, "same", (64, 16)), (5, 16, 3, 2, ((2, 1), (3, 0)), (32, 16)),
     (3, 32, 2, 3, ((0, 3), (3, 1)), (64, 32)), (9, 16, 3, 1, "same", (64, 16)),
+    # The paired forward kernel (eight outputs per group, two groups to a vector): PyConvResNet's
+    # stage-2 levels, strided, one or many inputs per group, asymmetric padding, kernel widths
+    # 1 to 11 (one output row at a time from 9 up, two below), a dilated height; dilated widths
+    # and odd group counts are left to the other kernels.
+    (5, 4, 1, 1, "same", (128, 32)), (7, 8, 2, 1, "same", (128, 64)),
+    (9, 2, 1, 1, ((1, 3), (2, 0)), (16, 16)), (11, 4, 2, 1, "same", (64, 32)),
+    (1, 2, 2, 1, "same", (8, 16)), (3, 2, 1, 2, "same", (32, 16)), (3, 3, 1, 1, "same", (48, 24)),
     # ... and shapes they leave to oneDNN: channels not a multiple of 16, or 3 per group.
     (3, 8, 2, 1, "same", (8, 16)), (3, 8, 1, 1, "same", (8, 8)), (3, 16, 1, 1, "same", (48, 16)),
 ]
@@ -63,6 +70,8 @@ def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, paddi
     (9, 16, 1, (64, 16)), (9, 16, 2, (64, 16)), (7, 8, 1, (64, 16)), (7, 8, 2, (64, 16)),
     (5, 4, 1, (64, 16)), (5, 4, 2, (64, 16)), (11, 16, 1, (32, 16)), (3, 16, 2, (64, 32)),
     (1, 16, 1, (32, 16)),
+    # The paired forward kernel's blocks of seven (kernels up to 7 wide) and fourteen pixels.
+    (7, 8, 1, (128, 64)), (5, 4, 2, (128, 32)), (9, 2, 1, (32, 16)), (3, 4, 2, (64, 32)),
 ])
 def test_narrow_kernels_match_xla_on_rows_wide_enough_for_their_pixel_blocks(
         kernel, groups, stride, channels):
@@ -175,6 +184,36 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     (call,) = [eqn for eqn in equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]
     assert call.params["target_name"] == onednn_conv.TARGETS["fused_forward"]
     assert int(dict(call.params["attributes"])["narrow"]) == int(narrow)
+
+
+def test_levels_with_eight_outputs_per_group_run_forward_in_the_paired_kernel():
+    """PyConvResNet-50 stage 2's 7x7/8 128 -> 64 (and any level with eight outputs per group and
+    an even group count) calls the native forward target, training and inference alike, and
+    oneDNN for both gradients; on AVX-512 the library runs it in the paired kernel."""
+    x, w = jnp.ones((2, 8, 8, 128)), jnp.ones((7, 7, 16, 64))
+    args = dict(strides=(1, 1), padding=((3, 3), (3, 3)), groups=8)
+    assert onednn_conv.runs_paired_forward(64, 8) and not onednn_conv.runs_narrow(64, 8)
+    assert not onednn_conv.runs_paired_forward(24, 3) and not onednn_conv.runs_paired_forward(32, 2)
+    conv = functools.partial(onednn_conv.conv, **args)
+    calls = ffi_calls(lambda x, w: jax.vjp(conv, x, w)[1](jnp.ones((2, 8, 8, 64))), x, w)
+    assert sorted(calls) == sorted(onednn_conv.TARGETS[kind] for kind in
+                                   ("narrow_forward", "input_grad", "weight_grad"))
+    fused = jax.make_jaxpr(functools.partial(onednn_conv.conv_bias_act, relu=True, **args))(
+        x, w, jnp.ones(64))
+    (call,) = [eqn for eqn in equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]
+    assert int(dict(call.params["attributes"])["narrow"]) == 1
+    if not onednn_conv.available():
+        pytest.skip(f"the library is unavailable: {onednn_conv.unavailable_reason()}")
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx512 = " avx512f " in f" {cpuinfo.read().replace(chr(10), ' ')} "
+    assert onednn_conv.narrow_kernels_run((16, 28, 28, 128), w.shape, paired=True, **args) == avx512
+    assert onednn_conv.narrow_kernels_run((16, 56, 56, 128), (5, 5, 32, 32), groups=4,
+                                          strides=(2, 2), padding=((2, 2), (2, 2)),
+                                          paired=True) == avx512
+    # Dilated along width: the generic narrow forward instead.
+    assert not onednn_conv.narrow_kernels_run((2, 13, 11, 32), (3, 3, 16, 16), groups=2,
+                                              strides=(1, 1), padding=((2, 2), (2, 2)),
+                                              dilation=(2, 2), paired=True)
 
 
 def test_the_narrow_kernels_themselves_run_on_avx512_cpus():

@@ -546,6 +546,7 @@ void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y,
 
 void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, float* y,
                    const float* bias, bool relu) {
+  if (PairedSupported(g)) return PairedForward(g, x, kernel, y, bias, relu);
   PYCONV_BY_KERNEL_WIDTH(Forward, g.kw, g, x, kernel, y, bias, relu)
 }
 

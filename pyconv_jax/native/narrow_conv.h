@@ -29,7 +29,8 @@ struct NarrowConv {
 bool NarrowSupported(const NarrowConv& conv);
 
 // y[n, oh, ow, O] from x and the kernel; then, when `bias` is given, y + bias[O], and with `relu`
-// max(y + bias, 0), each output row while it is in cache.
+// max(y + bias, 0), each output row while it is in cache. Runs for any conv that NarrowSupported
+// or PairedSupported accepts (the paired kernel where it applies).
 void NarrowForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
                    const float* bias = nullptr, bool relu = false);
 
@@ -38,6 +39,15 @@ void NarrowWeightGrad(const NarrowConv& conv, const float* x, const float* dy, f
 
 // The input's gradient [n, h, w, c] from dy and the kernel.
 void NarrowInputGrad(const NarrowConv& conv, const float* dy, const float* kernel, float* dx);
+
+// Whether the paired kernel (paired_conv.cc) computes `conv`'s forward pass: eight outputs per
+// group, an even number of groups, an odd kernel width of at most 11, undilated along width,
+// stride 1 or 2 along width (AVX-512). NarrowForward runs it where it applies.
+bool PairedSupported(const NarrowConv& conv);
+
+// NarrowForward's contract, by the paired kernel.
+void PairedForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
+                   const float* bias = nullptr, bool relu = false);
 
 }  // namespace pyconv
 
