@@ -47,7 +47,7 @@ CASES = [  # (kernel, groups, stride, dilation, padding, (in, out) channels)
     # factors and without, asymmetric padding, a tap set that skips whole dy pixels.
     (7, 16, 2, 2, "same", (64, 16)), (5, 16, 3, 2, ((2, 1), (3, 0)), (32, 16)),
     (3, 32, 2, 3, ((0, 3), (3, 1)), (64, 32)), (9, 16, 3, 1, "same", (64, 16)),
-    # The paired forward kernel (eight outputs per group, two groups to a vector): PyConvResNet's
+    # The paired kernels (eight outputs per group, two groups to a vector): PyConvResNet's
     # stage-2 levels, strided, one or many inputs per group, asymmetric padding, kernel widths
     # 1 to 11 (one output row at a time from 9 up, two below), a dilated height; dilated widths
     # and odd group counts are left to the other kernels.
@@ -70,7 +70,7 @@ def test_forward_and_gradients_match_xla(kernel, groups, stride, dilation, paddi
     (9, 16, 1, (64, 16)), (9, 16, 2, (64, 16)), (7, 8, 1, (64, 16)), (7, 8, 2, (64, 16)),
     (5, 4, 1, (64, 16)), (5, 4, 2, (64, 16)), (11, 16, 1, (32, 16)), (3, 16, 2, (64, 32)),
     (1, 16, 1, (32, 16)),
-    # The paired forward kernel's blocks of seven (kernels up to 7 wide) and fourteen pixels.
+    # The paired kernels' blocks of seven (forward, kernels up to 7 wide) and fourteen pixels.
     (7, 8, 1, (128, 64)), (5, 4, 2, (128, 32)), (9, 2, 1, (32, 16)), (3, 4, 2, (64, 32)),
 ])
 def test_narrow_kernels_match_xla_on_rows_wide_enough_for_their_pixel_blocks(
@@ -186,18 +186,19 @@ def test_narrow_levels_run_forward_and_kernel_gradient_in_the_narrow_kernels(gro
     assert int(dict(call.params["attributes"])["narrow"]) == int(narrow)
 
 
-def test_levels_with_eight_outputs_per_group_run_forward_in_the_paired_kernel():
+def test_levels_with_eight_outputs_per_group_run_in_the_paired_kernels():
     """PyConvResNet-50 stage 2's 7x7/8 128 -> 64 (and any level with eight outputs per group and
-    an even group count) calls the native forward target, training and inference alike, and
-    oneDNN for both gradients; on AVX-512 the library runs it in the paired kernel."""
+    an even group count) calls the native targets for its forward pass (training and inference)
+    and kernel gradient, oneDNN for its input gradient; on AVX-512 the library runs them in the
+    paired kernels."""
     x, w = jnp.ones((2, 8, 8, 128)), jnp.ones((7, 7, 16, 64))
     args = dict(strides=(1, 1), padding=((3, 3), (3, 3)), groups=8)
-    assert onednn_conv.runs_paired_forward(64, 8) and not onednn_conv.runs_narrow(64, 8)
-    assert not onednn_conv.runs_paired_forward(24, 3) and not onednn_conv.runs_paired_forward(32, 2)
+    assert onednn_conv.runs_paired(64, 8) and not onednn_conv.runs_narrow(64, 8)
+    assert not onednn_conv.runs_paired(24, 3) and not onednn_conv.runs_paired(32, 2)
     conv = functools.partial(onednn_conv.conv, **args)
     calls = ffi_calls(lambda x, w: jax.vjp(conv, x, w)[1](jnp.ones((2, 8, 8, 64))), x, w)
     assert sorted(calls) == sorted(onednn_conv.TARGETS[kind] for kind in
-                                   ("narrow_forward", "input_grad", "weight_grad"))
+                                   ("narrow_forward", "input_grad", "narrow_weight_grad"))
     fused = jax.make_jaxpr(functools.partial(onednn_conv.conv_bias_act, relu=True, **args))(
         x, w, jnp.ones(64))
     (call,) = [eqn for eqn in equations(fused.jaxpr) if eqn.primitive.name == "ffi_call"]

@@ -9,7 +9,7 @@ library that :mod:`pyconv_jax.native.build` compiles. Levels with at most four o
 run forward and kernel gradient in the same library's own channel-vectorised kernels instead
 (:func:`runs_narrow`), 1.3-6x faster than oneDNN's there, and so does the input gradient of those
 with at most four inputs per group (:func:`runs_narrow_input_grad`); levels with eight outputs
-per group run their forward pass in the same library's paired kernel (:func:`runs_paired_forward`).
+per group run forward and kernel gradient in the same library's paired kernels (:func:`runs_paired`).
 At inference
 :func:`conv_bias_act` applies a folded BatchNorm, the shortcut and the ReLU inside the conv's own
 output pass.
@@ -188,23 +188,26 @@ NARROW_MAX_OUTPUTS_PER_GROUP = 4
 NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP = 4
 
 
-#: Grouped convs with this many outputs per group and an even number of groups run their forward
-#: pass in the paired kernel of ``native/paired_conv.cc``: two groups' outputs fill one 16-lane
-#: vector, where oneDNN fills half of it with one group's (AVX-512; oneDNN elsewhere). Batch 16,
-#: ms, oneDNN -> paired: PyConvResNet-50 stage 2's 7x7/8 128->64 at 28x28 6.68 -> 4.33, 5x5/4
-#: 128->32 3.45 -> 2.49; stage 2's first block (from 56x56, stride 2) 7.23 -> 5.69 and 3.73 -> 3.53.
-#: Their gradients stay in oneDNN.
+#: Grouped convs with this many outputs per group and an even number of groups run forward pass
+#: and kernel gradient in the paired kernels of ``native/paired_conv.cc``: two groups' outputs
+#: fill one 16-lane vector, where oneDNN fills half of it with one group's (AVX-512; oneDNN
+#: elsewhere). Batch 16, ms, oneDNN -> paired, forward / kernel gradient: PyConvResNet-50 stage
+#: 2's 7x7/8 128->64 at 28x28 6.68 / 5.62 -> 4.33 / 4.33, 5x5/4 128->32 3.45 / 3.23 -> 2.49 /
+#: 2.65; in stage 2's first block (from 56x56, stride 2) 7.23 / 6.78 -> 5.69 / 6.30 and 3.73 /
+#: 4.03 -> 3.53 / 3.65. Their input gradients (eight outputs, so at least sixteen lanes' worth of
+#: inputs per group) stay in oneDNN, which fills its vectors there.
 PAIRED_OUTPUTS_PER_GROUP = 8
 
 
-def runs_paired_forward(out_features: int, groups: int) -> bool:
-    """Whether :func:`conv` and :func:`conv_bias_act` run the forward pass in the paired kernel
-    (see :data:`PAIRED_OUTPUTS_PER_GROUP`)."""
+def runs_paired(out_features: int, groups: int) -> bool:
+    """Whether :func:`conv` runs its forward pass and kernel gradient (and :func:`conv_bias_act`
+    its forward pass) in the paired kernels (see :data:`PAIRED_OUTPUTS_PER_GROUP`)."""
     return groups % 2 == 0 and out_features == groups * PAIRED_OUTPUTS_PER_GROUP
 
 
-def _runs_native_forward(out_features: int, groups: int) -> bool:
-    return runs_narrow(out_features, groups) or runs_paired_forward(out_features, groups)
+def _runs_native(out_features: int, groups: int) -> bool:
+    """Whether the forward pass and kernel gradient run in the library's own kernels."""
+    return runs_narrow(out_features, groups) or runs_paired(out_features, groups)
 
 
 def runs_narrow(out_features: int, groups: int) -> bool:
@@ -221,16 +224,12 @@ def runs_narrow_input_grad(in_features: int, out_features: int, groups: int) -> 
 
 
 def _target_kind(kind: str, kernel, groups: int) -> str:
-    """``kind``'s narrow-kernel version where :func:`runs_narrow` (for the input gradient
-    :func:`runs_narrow_input_grad`, for the forward pass also :func:`runs_paired_forward`) says
-    so, else ``kind``."""
+    """``kind``'s native version (the narrow or paired kernels, one FFI target) where
+    :func:`runs_narrow` or :func:`runs_paired` (for the input gradient
+    :func:`runs_narrow_input_grad`) says so, else ``kind`` (oneDNN)."""
     in_features, out_features = kernel.shape[2] * groups, kernel.shape[3]
-    if kind == "input_grad":
-        narrow = runs_narrow_input_grad(in_features, out_features, groups)
-    elif kind == "forward":
-        narrow = _runs_native_forward(out_features, groups)
-    else:
-        narrow = runs_narrow(out_features, groups)
+    narrow = (runs_narrow_input_grad(in_features, out_features, groups) if kind == "input_grad"
+              else _runs_native(out_features, groups))
     return f"narrow_{kind}" if narrow else kind
 
 
@@ -276,7 +275,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def _conv_bias_act(x, kernel, bias, residual, relu, strides, padding, dilation, groups):
     out_shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
     extra = (bias,) if residual is None else (bias, residual)
-    native = _runs_native_forward(kernel.shape[-1], groups)
+    native = _runs_native(kernel.shape[-1], groups)
     return _call("fused_forward", out_shape, x, kernel, strides, padding, dilation, groups,
                  *extra, relu=int(relu), narrow=int(native))
 

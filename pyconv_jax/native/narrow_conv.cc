@@ -551,6 +551,7 @@ void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, flo
 }
 
 void NarrowWeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {
+  if (PairedSupported(g)) return PairedWeightGrad(g, x, dy, dkernel);
   PYCONV_BY_KERNEL_WIDTH(WeightGrad, g.kw, g, x, dy, dkernel)
 }
 

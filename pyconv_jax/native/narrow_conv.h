@@ -40,14 +40,18 @@ void NarrowWeightGrad(const NarrowConv& conv, const float* x, const float* dy, f
 // The input's gradient [n, h, w, c] from dy and the kernel.
 void NarrowInputGrad(const NarrowConv& conv, const float* dy, const float* kernel, float* dx);
 
-// Whether the paired kernel (paired_conv.cc) computes `conv`'s forward pass: eight outputs per
-// group, an even number of groups, an odd kernel width of at most 11, undilated along width,
-// stride 1 or 2 along width (AVX-512). NarrowForward runs it where it applies.
+// Whether the paired kernels (paired_conv.cc) compute `conv`'s forward pass and kernel gradient:
+// eight outputs per group, an even number of groups, an odd kernel width of at most 11,
+// undilated along width, stride 1 or 2 along width (AVX-512). NarrowForward and NarrowWeightGrad
+// run them where they apply.
 bool PairedSupported(const NarrowConv& conv);
 
 // NarrowForward's contract, by the paired kernel.
 void PairedForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
                    const float* bias = nullptr, bool relu = false);
+
+// NarrowWeightGrad's contract, by the paired kernel (where PairedSupported).
+void PairedWeightGrad(const NarrowConv& conv, const float* x, const float* dy, float* dkernel);
 
 }  // namespace pyconv
 

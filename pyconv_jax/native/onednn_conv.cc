@@ -305,7 +305,7 @@ ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
   const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
                                 o.w[0], o.w[1], stride_h, stride_w, pad_t, pad_l,
                                 dil_h, dil_w, groups};
-  const bool paired = kind == Kind::kForward && pyconv::PairedSupported(conv);
+  const bool paired = kind != Kind::kInputGrad && pyconv::PairedSupported(conv);
   if (!paired && !pyconv::NarrowSupported(conv)) return Run(kind, a, b, out, attrs);
   auto* x = static_cast<float*>(o.x_data);
   auto* w = static_cast<float*>(o.w_data);

@@ -1,4 +1,5 @@
-// The forward pass of grouped convs with eight outputs per group, two groups to a vector.
+// Forward pass and kernel gradient of grouped convs with eight outputs per group, two groups to a
+// vector.
 //
 // PyConvResNet's stage-2 levels (7x7 with 8 groups and 5x5 with 4 groups over 128 channels) have
 // eight outputs per group. oneDNN's grouped kernels fill 16-lane vectors with one group's outputs,
@@ -261,6 +262,112 @@ void PairedForwardByStride(const NarrowConv& g, const float* x, const float* ker
   }
 }
 
+// The weight gradient, two groups to a vector the same way: acc[j][t] (kernel tap j of inputs
+// i0 + t, the pair's 16 outputs) += x broadcast as in the forward pass * dy of the pixel the tap
+// feeds. One kernel row and kIn inputs at a time the KW * kIn accumulators stay in registers over
+// a whole output row, kPixels dy vectors at a time, each input pixel broadcast once for every
+// tap it feeds.
+template <int KW, int S, int kIn>
+__attribute__((always_inline)) inline void PairGradRow(const NarrowConv& g, const float* x_row,
+                                                       const float* dy_row, int64_t blocks,
+                                                       int64_t cin, float* acc) {
+  constexpr int kInputs = (kPixels - 1) * S + KW;
+  const int64_t tap_step = cin * g.out_c;
+  __m512 a[KW][kIn];
+#pragma GCC unroll 16
+  for (int j = 0; j < KW; ++j) {
+#pragma GCC unroll 4
+    for (int t = 0; t < kIn; ++t) a[j][t] = _mm512_loadu_ps(acc + j * tap_step + t * g.out_c);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t ow0 = b * kPixels, valid = std::min<int64_t>(kPixels, g.out_w - ow0);
+    __m512 d[kPixels];
+#pragma GCC unroll 16
+    for (int p = 0; p < kPixels; ++p) {
+      d[p] = _mm512_maskz_loadu_ps(p < valid ? 0xFFFF : 0, dy_row + (ow0 + p) * g.out_c);
+    }
+    const float* xb = x_row + ow0 * S * g.c;
+#pragma GCC unroll 64
+    for (int q = 0; q < kInputs; ++q) {
+      __m512 xv[kIn];
+#pragma GCC unroll 4
+      for (int t = 0; t < kIn; ++t) {
+        const float* px = xb + q * g.c + t;
+        xv[t] = _mm512_mask_broadcastss_ps(_mm512_set1_ps(px[0]), 0xFF00, _mm_load_ss(px + cin));
+      }
+#pragma GCC unroll 16
+      for (int p = 0; p < kPixels; ++p) {
+        const int j = q - p * S;
+        if (j >= 0 && j < KW) {
+#pragma GCC unroll 4
+          for (int t = 0; t < kIn; ++t) a[j][t] = _mm512_fmadd_ps(xv[t], d[p], a[j][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < KW; ++j) {
+#pragma GCC unroll 4
+    for (int t = 0; t < kIn; ++t) _mm512_storeu_ps(acc + j * tap_step + t * g.out_c, a[j][t]);
+  }
+}
+
+template <int KW, int S>
+void PairedWeightGradImpl(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {
+  const int64_t cin = InPerGroup(g), pairs = g.groups / 2;
+  const int64_t blocks = (g.out_w + kPixels - 1) / kPixels;
+  const int64_t width = std::max(g.pad_l + g.w, (blocks * kPixels - 1) * S + KW);
+  const int64_t rows = g.n * g.out_h, size = g.kh * KW * cin * g.out_c;
+  const int64_t kernel_row = KW * cin * g.out_c;
+  const int threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), rows));
+  std::vector<float> partial(static_cast<size_t>(threads) * size, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+    PaddedRows padded(g, width);
+    float* acc = partial.data() + t * size;
+    for (int64_t r = rows * t / count; r < rows * (t + 1) / count; ++r) {
+      const int64_t n = r / g.out_h, oh = r % g.out_h;
+      const float* dy_row = dy + r * g.out_w * g.out_c;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.stride_h - g.pad_t + i * g.dil_h;
+        if (ih < 0 || ih >= g.h) continue;
+        const float* x_row = padded.Get(x, n * g.h + ih);
+        for (int64_t j = 0; j < pairs; ++j) {
+          float* acc_row = acc + i * kernel_row + j * kLanes;
+          const float* x_pair = x_row + 2 * j * cin;
+          const float* dy_pair = dy_row + j * kLanes;
+          // Two inputs at a time while the 2 KW accumulators, kPixels dy vectors and two inputs
+          // fit in the 32 registers.
+          constexpr int kIn = KW <= 7 ? 2 : 1;
+          int64_t c = 0;
+          for (; c + kIn <= cin; c += kIn) {
+            PairGradRow<KW, S, kIn>(g, x_pair + c, dy_pair, blocks, cin, acc_row + c * g.out_c);
+          }
+          if (c < cin) {
+            PairGradRow<KW, S, 1>(g, x_pair + c, dy_pair, blocks, cin, acc_row + c * g.out_c);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t e = 0; e < size; ++e) {
+    float sum = 0.0f;
+    for (int t = 0; t < threads; ++t) sum += partial[t * size + e];
+    dkernel[e] = sum;
+  }
+}
+
+template <int KW>
+void PairedWeightGradByStride(const NarrowConv& g, const float* x, const float* dy,
+                              float* dkernel) {
+  if (g.stride_w == 1) {
+    PairedWeightGradImpl<KW, 1>(g, x, dy, dkernel);
+  } else {
+    PairedWeightGradImpl<KW, 2>(g, x, dy, dkernel);
+  }
+}
+
 #pragma GCC pop_options
 
 }  // namespace
@@ -282,6 +389,17 @@ void PairedForward(const NarrowConv& g, const float* x, const float* kernel, flo
     case 7: PairedForwardByStride<7>(g, x, kernel, y, bias, relu); break;
     case 9: PairedForwardByStride<9>(g, x, kernel, y, bias, relu); break;
     case 11: PairedForwardByStride<11>(g, x, kernel, y, bias, relu); break;
+  }
+}
+
+void PairedWeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {
+  switch (g.kw) {
+    case 1: PairedWeightGradByStride<1>(g, x, dy, dkernel); break;
+    case 3: PairedWeightGradByStride<3>(g, x, dy, dkernel); break;
+    case 5: PairedWeightGradByStride<5>(g, x, dy, dkernel); break;
+    case 7: PairedWeightGradByStride<7>(g, x, dy, dkernel); break;
+    case 9: PairedWeightGradByStride<9>(g, x, dy, dkernel); break;
+    case 11: PairedWeightGradByStride<11>(g, x, dy, dkernel); break;
   }
 }
 
