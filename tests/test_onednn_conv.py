@@ -211,7 +211,14 @@ def test_levels_with_eight_outputs_per_group_run_in_the_paired_kernels():
     assert onednn_conv.narrow_kernels_run((16, 56, 56, 128), (5, 5, 32, 32), groups=4,
                                           strides=(2, 2), padding=((2, 2), (2, 2)),
                                           paired=True) == avx512
-    # Dilated along width: the generic narrow forward instead.
+    # Four outputs per group (stage 1's 5x5/4): the forward pass too, four groups to a vector.
+    assert onednn_conv.narrow_kernels_run((16, 56, 56, 64), (5, 5, 16, 16), groups=4,
+                                          strides=(1, 1), padding=((2, 2), (2, 2)),
+                                          paired=True) == avx512
+    # Dilated along width, or two outputs per group: the narrow kernels' own forward pass.
+    assert not onednn_conv.narrow_kernels_run((16, 56, 56, 64), (7, 7, 8, 16), groups=8,
+                                              strides=(1, 1), padding=((3, 3), (3, 3)),
+                                              paired=True)
     assert not onednn_conv.narrow_kernels_run((2, 13, 11, 32), (3, 3, 16, 16), groups=2,
                                               strides=(1, 1), padding=((2, 2), (2, 2)),
                                               dilation=(2, 2), paired=True)

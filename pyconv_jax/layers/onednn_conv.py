@@ -251,7 +251,7 @@ def narrow_kernels_run(x_shape, kernel_shape, *, strides, padding, dilation=(1, 
     _, oh, ow, out = _out_shape(x_shape, kernel_shape, strides, padding, dilation)
     geometry = (*x_shape, oh, ow, out, *kernel_shape[:2], *strides, top, left, *dilation, groups)
     library = ctypes.CDLL(str(build.LIBRARY))
-    supported = library.PyconvPairedSupported if paired else library.PyconvNarrowSupported
+    supported = library.PyconvPairedForwardSupported if paired else library.PyconvNarrowSupported
     return bool(supported((ctypes.c_int64 * 16)(*geometry)))
 
 

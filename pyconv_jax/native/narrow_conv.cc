@@ -546,12 +546,12 @@ void Forward(const NarrowConv& g, const float* x, const float* kernel, float* y,
 
 void NarrowForward(const NarrowConv& g, const float* x, const float* kernel, float* y,
                    const float* bias, bool relu) {
-  if (PairedSupported(g)) return PairedForward(g, x, kernel, y, bias, relu);
+  if (PairedForwardSupported(g)) return PairedForward(g, x, kernel, y, bias, relu);
   PYCONV_BY_KERNEL_WIDTH(Forward, g.kw, g, x, kernel, y, bias, relu)
 }
 
 void NarrowWeightGrad(const NarrowConv& g, const float* x, const float* dy, float* dkernel) {
-  if (PairedSupported(g)) return PairedWeightGrad(g, x, dy, dkernel);
+  if (PairedWeightGradSupported(g)) return PairedWeightGrad(g, x, dy, dkernel);
   PYCONV_BY_KERNEL_WIDTH(WeightGrad, g.kw, g, x, dy, dkernel)
 }
 

@@ -30,7 +30,7 @@ bool NarrowSupported(const NarrowConv& conv);
 
 // y[n, oh, ow, O] from x and the kernel; then, when `bias` is given, y + bias[O], and with `relu`
 // max(y + bias, 0), each output row while it is in cache. Runs for any conv that NarrowSupported
-// or PairedSupported accepts (the paired kernel where it applies).
+// or PairedForwardSupported accepts (the paired kernel where it applies).
 void NarrowForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
                    const float* bias = nullptr, bool relu = false);
 
@@ -40,17 +40,18 @@ void NarrowWeightGrad(const NarrowConv& conv, const float* x, const float* dy, f
 // The input's gradient [n, h, w, c] from dy and the kernel.
 void NarrowInputGrad(const NarrowConv& conv, const float* dy, const float* kernel, float* dx);
 
-// Whether the paired kernels (paired_conv.cc) compute `conv`'s forward pass and kernel gradient:
-// eight outputs per group, an even number of groups, an odd kernel width of at most 11,
-// undilated along width, stride 1 or 2 along width (AVX-512). NarrowForward and NarrowWeightGrad
-// run them where they apply.
-bool PairedSupported(const NarrowConv& conv);
+// Whether the paired kernels (paired_conv.cc) compute `conv`'s forward pass (eight or four
+// outputs per group) or kernel gradient (eight): a group count that fills whole vectors, an odd
+// kernel width of at most 11, undilated along width, stride 1 or 2 along width (AVX-512).
+// NarrowForward and NarrowWeightGrad run them where they apply.
+bool PairedForwardSupported(const NarrowConv& conv);
+bool PairedWeightGradSupported(const NarrowConv& conv);
 
 // NarrowForward's contract, by the paired kernel.
 void PairedForward(const NarrowConv& conv, const float* x, const float* kernel, float* y,
                    const float* bias = nullptr, bool relu = false);
 
-// NarrowWeightGrad's contract, by the paired kernel (where PairedSupported).
+// NarrowWeightGrad's contract, by the paired kernel.
 void PairedWeightGrad(const NarrowConv& conv, const float* x, const float* dy, float* dkernel);
 
 }  // namespace pyconv

@@ -305,7 +305,8 @@ ffi::Error NarrowHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::An
   const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
                                 o.w[0], o.w[1], stride_h, stride_w, pad_t, pad_l,
                                 dil_h, dil_w, groups};
-  const bool paired = kind != Kind::kInputGrad && pyconv::PairedSupported(conv);
+  const bool paired = (kind == Kind::kForward && pyconv::PairedForwardSupported(conv)) ||
+                      (kind == Kind::kWeightGrad && pyconv::PairedWeightGradSupported(conv));
   if (!paired && !pyconv::NarrowSupported(conv)) return Run(kind, a, b, out, attrs);
   auto* x = static_cast<float*>(o.x_data);
   auto* w = static_cast<float*>(o.w_data);
@@ -349,7 +350,8 @@ ffi::Error FusedForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
   const pyconv::NarrowConv conv{o.x[0], o.x[1], o.x[2], o.x[3], o.y[1], o.y[2], o.y[3],
                                 o.w[0], o.w[1], stride_h, stride_w, pad_t, pad_l,
                                 dil_h, dil_w, groups};
-  if (narrow && !e.residual && (pyconv::PairedSupported(conv) || pyconv::NarrowSupported(conv))) {
+  const bool native = pyconv::PairedForwardSupported(conv) || pyconv::NarrowSupported(conv);
+  if (narrow && !e.residual && native) {
     pyconv::NarrowForward(conv, static_cast<float*>(o.x_data), static_cast<float*>(o.w_data),
                           static_cast<float*>(o.y_data), static_cast<float*>(bias.untyped_data()),
                           e.relu);
@@ -425,9 +427,9 @@ extern "C" int PyconvNarrowSupported(const int64_t* geometry) {
 }
 
 // For the tests: whether the paired kernel runs the forward pass of a conv of this geometry here.
-extern "C" int PyconvPairedSupported(const int64_t* geometry) {
+extern "C" int PyconvPairedForwardSupported(const int64_t* geometry) {
   const int64_t* v = geometry;
   const pyconv::NarrowConv conv{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
                                 v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  return pyconv::PairedSupported(conv) ? 1 : 0;
+  return pyconv::PairedForwardSupported(conv) ? 1 : 0;
 }
