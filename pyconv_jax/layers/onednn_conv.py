@@ -190,8 +190,8 @@ NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP = 4
 
 #: Grouped convs with this many outputs per group and an even number of groups run forward pass
 #: and kernel gradient in the paired kernels of ``native/paired_conv.cc``: two groups' outputs
-#: fill one 16-lane vector, where oneDNN fills half of it with one group's (AVX-512; oneDNN
-#: elsewhere). Batch 16, ms, oneDNN -> paired, forward / kernel gradient: PyConvResNet-50 stage
+#: fill one 16-lane vector, where oneDNN fills half of it with one group's (AVX-512 and kernels 5
+#: to 11 wide, undilated along width, stride 1 or 2; the library hands the rest to oneDNN). Batch 16, ms, oneDNN -> paired, forward / kernel gradient: PyConvResNet-50 stage
 #: 2's 7x7/8 128->64 at 28x28 6.68 / 5.62 -> 4.33 / 4.33, 5x5/4 128->32 3.45 / 3.23 -> 2.49 /
 #: 2.65; in stage 2's first block (from 56x56, stride 2) 7.23 / 6.78 -> 5.69 / 6.30 and 3.73 /
 #: 4.03 -> 3.53 / 3.65. Their input gradients (eight outputs, so at least sixteen lanes' worth of

@@ -25,6 +25,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxKernelWidth = 11;
+constexpr int64_t kMaxOutputsPerGroup = 4;
 // Output rows a weight-gradient pass walks before moving to the next channel block: their input
 // rows (about a hundred kilobytes) stay in cache across the block's kernel rows.
 constexpr int64_t kRowBlock = 4;
@@ -102,6 +103,9 @@ bool NarrowSupported(const NarrowConv& g) {
   }
   const int64_t cin = InPerGroup(g);
   if (kLanes % cin != 0 && cin % kLanes != 0) return false;
+  // More outputs per group than that is oneDNN's (or the paired kernels') ground: one lane sum
+  // per output per pixel costs more than the idle lanes there.
+  if (OutPerGroup(g) > kMaxOutputsPerGroup) return false;
   if (g.kw < 1 || g.kw > kMaxKernelWidth || g.kh < 1) return false;
   if (g.stride_h < 1 || g.stride_w < 1 || g.dil_h < 1 || g.dil_w < 1) return false;
   if (g.pad_t < 0 || g.pad_l < 0) return false;

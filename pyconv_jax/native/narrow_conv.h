@@ -25,7 +25,8 @@ struct NarrowConv {
 };
 
 // Whether these kernels compute `conv` on this CPU (AVX-512, channels a multiple of 16, groups
-// that tile a 16-lane vector, kernel width at most 11); callers fall back to oneDNN otherwise.
+// that tile a 16-lane vector, at most four outputs per group, kernel width at most 11); callers
+// fall back to oneDNN otherwise.
 bool NarrowSupported(const NarrowConv& conv);
 
 // y[n, oh, ow, O] from x and the kernel; then, when `bias` is given, y + bias[O], and with `relu`
@@ -42,7 +43,7 @@ void NarrowInputGrad(const NarrowConv& conv, const float* dy, const float* kerne
 
 // Whether the paired kernels (paired_conv.cc) compute `conv`'s forward pass (eight or four
 // outputs per group) or kernel gradient (eight): a group count that fills whole vectors, an odd
-// kernel width of at most 11, undilated along width, stride 1 or 2 along width (AVX-512).
+// kernel width from 5 to 11, undilated along width, stride 1 or 2 along width (AVX-512).
 // NarrowForward and NarrowWeightGrad run them where they apply.
 bool PairedForwardSupported(const NarrowConv& conv);
 bool PairedWeightGradSupported(const NarrowConv& conv);

@@ -390,12 +390,17 @@ namespace {
 
 // Eight or four outputs per group (two or four groups to a vector): the shapes both kernels
 // handle. With two outputs per group (eight groups to a vector) the broadcasts cost more than
-// the narrow kernels' lane sums: 7x7/8 64->16 at 56x56 forward 3.59 -> 3.96 ms.
+// the narrow kernels' lane sums: 7x7/8 64->16 at 56x56 forward 3.59 -> 3.96 ms. Kernels narrower
+// than 5 leave too few taps per broadcast input: PyConvHGResNet's 3x3/32 512->256 at 28x28 with
+// stride 2, forward 1.94 (oneDNN) -> 2.50 ms, kernel gradient 2.29 -> 2.59.
+constexpr int64_t kMinKernelWidth = 5;
+
 bool PairedShape(const NarrowConv& g, int64_t outputs_per_group) {
   return __builtin_cpu_supports("avx512f") && g.groups >= 1 && g.c % g.groups == 0 &&
          g.out_c == g.groups * outputs_per_group &&
-         g.groups % (kLanes / outputs_per_group) == 0 && g.kh >= 1 && g.kw >= 1 &&
-         g.kw <= kMaxKernelWidth && g.kw % 2 == 1 && g.dil_w == 1 && g.dil_h >= 1 &&
+         g.groups % (kLanes / outputs_per_group) == 0 && g.kh >= 1 &&
+         g.kw >= kMinKernelWidth && g.kw <= kMaxKernelWidth && g.kw % 2 == 1 && g.dil_w == 1 &&
+         g.dil_h >= 1 &&
          (g.stride_w == 1 || g.stride_w == 2) && g.stride_h >= 1 && g.pad_t >= 0 && g.pad_l >= 0;
 }
 
@@ -411,8 +416,6 @@ bool PairedWeightGradSupported(const NarrowConv& g) { return PairedShape(g, 8); 
 
 #define PYCONV_PAIRED_BY_WIDTH(fn, V, ...)            \
   switch (g.kw) {                                     \
-    case 1: fn<V, 1>(__VA_ARGS__); break;             \
-    case 3: fn<V, 3>(__VA_ARGS__); break;             \
     case 5: fn<V, 5>(__VA_ARGS__); break;             \
     case 7: fn<V, 7>(__VA_ARGS__); break;             \
     case 9: fn<V, 9>(__VA_ARGS__); break;             \
