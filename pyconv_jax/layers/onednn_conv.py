@@ -176,7 +176,8 @@ def conv_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
 #: gradient, oneDNN -> narrow: 9x9/16 64->16 6.4 (as depthwise convs; 20.1 grouped) / 19.6 ->
 #: 2.6 / 2.3; 7x7/8 11.8 / 11.9 -> 3.4 / 2.9; 5x5/4 6.3 / 6.6 -> 3.8 / 3.4; PyConvHGResNet's
 #: 9x9/32 128->32 53.9 / 41.6 -> 5.5 / 4.5. With eight outputs per group (stage 2's 5x5/4 128->32
-#: and 7x7/8 128->64 at 28x28) they are 1.1-1.5x slower, hence the threshold.
+#: and 7x7/8 128->64 at 28x28) they are 1.1-1.5x slower, hence the threshold: those run in the
+#: paired kernels (:data:`PAIRED_OUTPUTS_PER_GROUP`).
 NARROW_MAX_OUTPUTS_PER_GROUP = 4
 
 
