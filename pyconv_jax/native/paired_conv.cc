@@ -28,7 +28,6 @@ namespace pyconv {
 namespace {
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kOutputsPerGroup = 8;
 // Output pixels per register block: 14 divides the widths of a 224x224 network (112, 56, 28, 14)
 // and leaves room for a kernel row of up to 11 weight vectors in the 32 registers.
 constexpr int kPixels = 14;
@@ -77,43 +76,19 @@ __attribute__((always_inline)) inline __m512 GroupBroadcast(const float* px, int
   return v;
 }
 
-// kPixels output pixels of one group pair: a[p] += the taps of kernel row w_row (KW taps of
-// `cin` inputs) over the padded input row x_row, from input pixel ow0 * S on.
-template <int V, int KW, int S>
-__attribute__((always_inline)) inline void PairRow(const NarrowConv& g, const float* x_row,
-                                                   const float* w_row, int64_t cin,
-                                                   __m512 (&a)[kPixels]) {
-  constexpr int kInputs = (kPixels - 1) * S + KW;
-  const int64_t tap_step = cin * g.out_c;
-  for (int64_t i = 0; i < cin; ++i) {
-    __m512 wv[KW];
-#pragma GCC unroll 16
-    for (int j = 0; j < KW; ++j) wv[j] = _mm512_loadu_ps(w_row + j * tap_step + i * g.out_c);
-    const float* xi = x_row + i;
-#pragma GCC unroll 64
-    for (int q = 0; q < kInputs; ++q) {
-      const float* px = xi + q * g.c;
-      const __m512 xv = GroupBroadcast<V>(px, cin);
-#pragma GCC unroll 16
-      for (int p = 0; p < kPixels; ++p) {
-        const int j = q - p * S;
-        if (j >= 0 && j < KW) a[p] = _mm512_fmadd_ps(xv, wv[j], a[p]);
-      }
-    }
-  }
-}
-
-// Two output rows at once, kPairPixels pixels each: an input row feeds row oh through kernel row
-// `i0` and row oh + 1 through kernel row `i1` (when they exist), so each broadcast input feeds up
-// to 2 KW accumulators. `kBoth`: both kernel rows exist; else only `i0` (kFirst) or only `i1`.
+// P output pixels of one group pair in one or two output rows: a0[p] (row oh) += the taps of
+// kernel row w0 over the padded input row x_row (pixel p's taps from input pixel p * S on), and
+// with kSecond a1[p] (row oh + 1) += those of kernel row w1 over the same input row, so that
+// each broadcast input feeds up to 2 KW accumulators. kFirst or kSecond alone where only one of
+// the two kernel rows meets this input row.
 constexpr int kPairPixels = 7;
 
-template <int V, int KW, int S, bool kFirst, bool kSecond>
-__attribute__((always_inline)) inline void PairRowTwice(const NarrowConv& g, const float* x_row,
-                                                        const float* w0, const float* w1,
-                                                        int64_t cin, __m512 (&a0)[kPairPixels],
-                                                        __m512 (&a1)[kPairPixels]) {
-  constexpr int kInputs = (kPairPixels - 1) * S + KW;
+template <int V, int KW, int S, int P, bool kFirst, bool kSecond>
+__attribute__((always_inline)) inline void PairRows(const NarrowConv& g, const float* x_row,
+                                                    const float* w0, const float* w1,
+                                                    int64_t cin, __m512 (&a0)[P],
+                                                    __m512 (&a1)[P]) {
+  constexpr int kInputs = (P - 1) * S + KW;
   const int64_t tap_step = cin * g.out_c;
   for (int64_t i = 0; i < cin; ++i) {
     __m512 v0[KW], v1[KW];
@@ -128,7 +103,7 @@ __attribute__((always_inline)) inline void PairRowTwice(const NarrowConv& g, con
       const float* px = xi + q * g.c;
       const __m512 xv = GroupBroadcast<V>(px, cin);
 #pragma GCC unroll 16
-      for (int p = 0; p < kPairPixels; ++p) {
+      for (int p = 0; p < P; ++p) {
         const int j = q - p * S;
         if (j >= 0 && j < KW) {
           if (kFirst) a0[p] = _mm512_fmadd_ps(xv, v0[j], a0[p]);
@@ -165,7 +140,8 @@ void PairedForwardImpl(const NarrowConv& g, const float* x, const float* kernel,
             const int64_t ih = oh * g.stride_h - g.pad_t + i * g.dil_h;
             if (ih < 0 || ih >= g.h) continue;
             const float* x_row = padded.Get(x, n * g.h + ih) + (ow0 * S) * g.c + V * j * cin;
-            PairRow<V, KW, S>(g, x_row, kernel + i * KW * cin * g.out_c + j * kLanes, cin, a);
+            const float* w = kernel + i * KW * cin * g.out_c + j * kLanes;
+            PairRows<V, KW, S, kPixels, true, false>(g, x_row, w, w, cin, a, a);
           }
           if (relu) {
 #pragma GCC unroll 16
@@ -241,11 +217,11 @@ void PairedForwardTwoRows(const NarrowConv& g, const float* x, const float* kern
             const float* w0 = w + i0 * kernel_row;
             const float* w1 = w + i1 * kernel_row;
             if (first_row && second_row) {
-              PairRowTwice<V, KW, S, true, true>(g, x_row, w0, w1, cin, a0, a1);
+              PairRows<V, KW, S, kPairPixels, true, true>(g, x_row, w0, w1, cin, a0, a1);
             } else if (first_row) {
-              PairRowTwice<V, KW, S, true, false>(g, x_row, w0, w1, cin, a0, a1);
+              PairRows<V, KW, S, kPairPixels, true, false>(g, x_row, w0, w1, cin, a0, a1);
             } else if (second_row) {
-              PairRowTwice<V, KW, S, false, true>(g, x_row, w0, w1, cin, a0, a1);
+              PairRows<V, KW, S, kPairPixels, false, true>(g, x_row, w0, w1, cin, a0, a1);
             }
           }
           StorePixels<kPairPixels>(g, a0, relu, ow0, y0 + ow0 * g.out_c + j * kLanes);
