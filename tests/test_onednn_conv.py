@@ -110,6 +110,7 @@ FUSED_CASES = [  # a dense conv, a strided 1x1, narrow levels (one with stride 2
     (9, 16, 1, 1, "same", (64, 16)), (7, 8, 2, 1, "same", (64, 16)),
     (5, 4, 1, 2, "same", (32, 16)), (5, 2, 2, 1, ((1, 3), (2, 0)), (32, 16)),
     (3, 16, 1, 1, "same", (48, 16)), (5, 4, 1, 1, "same", (64, 32)),
+    (9, 2, 1, 1, "same", (16, 16)),  # the paired kernel's one-row path
 ]
 
 

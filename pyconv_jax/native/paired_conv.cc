@@ -64,7 +64,7 @@ class PaddedRows {
 #pragma GCC target("avx512f")
 
 // One input channel of each of V groups, broadcast over that group's 16 / V lanes: px[0] (the
-// first group's) and px[v * cin] for the v-th.
+// first group's) and px[u * cin] for the u-th.
 template <int V>
 __attribute__((always_inline)) inline __m512 GroupBroadcast(const float* px, int64_t cin) {
   __m512 v = _mm512_set1_ps(px[0]);
@@ -114,6 +114,22 @@ __attribute__((always_inline)) inline void PairRows(const NarrowConv& g, const f
   }
 }
 
+// Stores P accumulators (the bias is in their initial value), after a ReLU with `relu`, to output
+// pixels [ow0, ow0 + P) of `out` (a row's group-pair slice), dropping those past the row's end.
+template <int P>
+__attribute__((always_inline)) inline void StorePixels(const NarrowConv& g, __m512 (&a)[P],
+                                                       bool relu, int64_t ow0, float* out) {
+  if (relu) {
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) a[p] = _mm512_max_ps(a[p], _mm512_setzero_ps());
+  }
+  const int64_t valid = std::min<int64_t>(P, g.out_w - ow0);
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    if (p < valid) _mm512_storeu_ps(out + p * g.out_c, a[p]);
+  }
+}
+
 template <int V, int KW, int S>
 void PairedForwardImpl(const NarrowConv& g, const float* x, const float* kernel, float* y,
                        const float* bias, bool relu) {
@@ -125,7 +141,6 @@ void PairedForwardImpl(const NarrowConv& g, const float* x, const float* kernel,
   {
     const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
     PaddedRows padded(g, width);
-    alignas(64) float tail[kPixels][kLanes];
     for (int64_t r = rows * t / count; r < rows * (t + 1) / count; ++r) {
       const int64_t n = r / g.out_h, oh = r % g.out_h;
       float* y_row = y + r * g.out_w * g.out_c;
@@ -143,41 +158,10 @@ void PairedForwardImpl(const NarrowConv& g, const float* x, const float* kernel,
             const float* w = kernel + i * KW * cin * g.out_c + j * kLanes;
             PairRows<V, KW, S, kPixels, true, false>(g, x_row, w, w, cin, a, a);
           }
-          if (relu) {
-#pragma GCC unroll 16
-            for (int p = 0; p < kPixels; ++p) a[p] = _mm512_max_ps(a[p], _mm512_setzero_ps());
-          }
-          const int64_t valid = std::min<int64_t>(kPixels, g.out_w - ow0);
-          float* out = y_row + ow0 * g.out_c + j * kLanes;
-          if (valid == kPixels) {
-#pragma GCC unroll 16
-            for (int p = 0; p < kPixels; ++p) _mm512_storeu_ps(out + p * g.out_c, a[p]);
-          } else {
-#pragma GCC unroll 16
-            for (int p = 0; p < kPixels; ++p) _mm512_store_ps(tail[p], a[p]);
-            for (int64_t p = 0; p < valid; ++p) {
-              std::memcpy(out + p * g.out_c, tail[p], kLanes * sizeof(float));
-            }
-          }
+          StorePixels<kPixels>(g, a, relu, ow0, y_row + ow0 * g.out_c + j * kLanes);
         }
       }
     }
-  }
-}
-
-// Stores kP accumulators (plus nothing else: bias is in their initial value) to output pixels
-// [ow0, ow0 + kP) of `out` (a row's group-pair slice), dropping those past the row's end.
-template <int kP>
-__attribute__((always_inline)) inline void StorePixels(const NarrowConv& g, __m512 (&a)[kP],
-                                                       bool relu, int64_t ow0, float* out) {
-  if (relu) {
-#pragma GCC unroll 16
-    for (int p = 0; p < kP; ++p) a[p] = _mm512_max_ps(a[p], _mm512_setzero_ps());
-  }
-  const int64_t valid = std::min<int64_t>(kP, g.out_w - ow0);
-#pragma GCC unroll 16
-  for (int p = 0; p < kP; ++p) {
-    if (p < valid) _mm512_storeu_ps(out + p * g.out_c, a[p]);
   }
 }
 
@@ -254,9 +238,9 @@ void PairedForwardByStride(const NarrowConv& g, const float* x, const float* ker
 
 // The weight gradient, two groups to a vector the same way: acc[j][t] (kernel tap j of inputs
 // i0 + t, the pair's 16 outputs) += x broadcast as in the forward pass * dy of the pixel the tap
-// feeds. One kernel row and kIn inputs at a time the KW * kIn accumulators stay in registers over
-// a whole output row, kPixels dy vectors at a time, each input pixel broadcast once for every
-// tap it feeds.
+// feeds. For one kernel row and kIn inputs, the KW * kIn accumulators stay in registers over a
+// whole output row, taken kPixels dy vectors at a time; each input pixel is broadcast once for
+// every tap it feeds.
 template <int V, int KW, int S, int kIn>
 __attribute__((always_inline)) inline void PairGradRow(const NarrowConv& g, const float* x_row,
                                                        const float* dy_row, int64_t blocks,
@@ -359,10 +343,6 @@ void PairedWeightGradByStride(const NarrowConv& g, const float* x, const float* 
 }
 
 #pragma GCC pop_options
-
-}  // namespace
-
-namespace {
 
 // Eight or four outputs per group (two or four groups to a vector): the shapes both kernels
 // handle. With two outputs per group (eight groups to a vector) the broadcasts cost more than
