@@ -9,10 +9,9 @@ library that :mod:`pyconv_jax.native.build` compiles. Levels with at most four o
 run forward and kernel gradient in the same library's own channel-vectorised kernels instead
 (:func:`runs_narrow`), 1.3-6x faster than oneDNN's there, and so does the input gradient of those
 with at most four inputs per group (:func:`runs_narrow_input_grad`); levels with eight outputs
-per group run forward and kernel gradient in the same library's paired kernels (:func:`runs_paired`).
-At inference
-:func:`conv_bias_act` applies a folded BatchNorm, the shortcut and the ReLU inside the conv's own
-output pass.
+per group run forward and kernel gradient in the same library's paired kernels
+(:func:`runs_paired`). At inference :func:`conv_bias_act` applies a folded BatchNorm, the
+shortcut and the ReLU inside the conv's own output pass.
 
 Same conv, batch 16, float32, 2 cores, ms (forward / input gradient / weight gradient):
 3x3 64->64 at 56x56, XLA 25.8 / 25.9 / 43.0, oneDNN 9.8 / 9.7 / 9.8; 9x9 64->16 with 16 groups
@@ -192,10 +191,11 @@ NARROW_INPUT_GRAD_MAX_INPUTS_PER_GROUP = 4
 #: Grouped convs with this many outputs per group and an even number of groups run forward pass
 #: and kernel gradient in the paired kernels of ``native/paired_conv.cc``: two groups' outputs
 #: fill one 16-lane vector, where oneDNN fills half of it with one group's (AVX-512 and kernels 5
-#: to 11 wide, undilated along width, stride 1 or 2; the library hands the rest to oneDNN). Batch 16, ms, oneDNN -> paired, forward / kernel gradient: PyConvResNet-50 stage
-#: 2's 7x7/8 128->64 at 28x28 6.68 / 5.62 -> 4.33 / 4.33, 5x5/4 128->32 3.45 / 3.23 -> 2.49 /
-#: 2.65; in stage 2's first block (from 56x56, stride 2) 7.23 / 6.78 -> 5.69 / 6.30 and 3.73 /
-#: 4.03 -> 3.53 / 3.65. Their input gradients (eight outputs, so at least sixteen lanes' worth of
+#: to 11 wide, undilated along width, stride 1 or 2; the library hands the rest to oneDNN).
+#: Batch 16, ms, oneDNN -> paired, forward / kernel gradient: PyConvResNet-50 stage 2's 7x7/8
+#: 128->64 at 28x28 6.68 / 5.62 -> 4.33 / 4.33, 5x5/4 128->32 3.45 / 3.23 -> 2.49 / 2.65; in
+#: stage 2's first block (from 56x56, stride 2) 7.23 / 6.78 -> 5.69 / 6.30 and 3.73 / 4.03 ->
+#: 3.53 / 3.65. Their input gradients (eight outputs, so at least sixteen lanes' worth of
 #: inputs per group) stay in oneDNN, which fills its vectors there.
 PAIRED_OUTPUTS_PER_GROUP = 8
 

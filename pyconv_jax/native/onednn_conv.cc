@@ -417,19 +417,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvNarrowConvWeightGrad, NarrowHandler<Kind::kW
                               Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyconvOnednnConvForwardFused, FusedForward, FusedBinding());
 
-// For the tests: whether the narrow kernels, not oneDNN, run a conv of this geometry here.
-// `geometry` holds the 16 fields of pyconv::NarrowConv in order.
+// For the tests: whether the narrow kernels, not oneDNN, run a conv of this geometry here, and
+// whether the paired kernel runs its forward pass. `geometry` holds the 16 fields of
+// pyconv::NarrowConv in order.
+namespace {
+pyconv::NarrowConv Geometry(const int64_t* v) {
+  return pyconv::NarrowConv{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
+                            v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+}
+}  // namespace
+
 extern "C" int PyconvNarrowSupported(const int64_t* geometry) {
-  const int64_t* v = geometry;
-  const pyconv::NarrowConv conv{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
-                                v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  return pyconv::NarrowSupported(conv) ? 1 : 0;
+  return pyconv::NarrowSupported(Geometry(geometry)) ? 1 : 0;
 }
 
-// For the tests: whether the paired kernel runs the forward pass of a conv of this geometry here.
 extern "C" int PyconvPairedForwardSupported(const int64_t* geometry) {
-  const int64_t* v = geometry;
-  const pyconv::NarrowConv conv{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7],
-                                v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  return pyconv::PairedForwardSupported(conv) ? 1 : 0;
+  return pyconv::PairedForwardSupported(Geometry(geometry)) ? 1 : 0;
 }
