@@ -6,6 +6,7 @@ noisy machine: each measurement is the median of ``repeats`` timed calls after `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -18,9 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pyconv_jax.counting import count_macs
 from pyconv_jax.models import ResidualBlock, create_model
 from pyconv_jax.models.resnet import block_name
 from pyconv_jax.train import steps
+
+#: Dense (no sparsity) peak rates in TFLOP/s by accelerator and compute dtype, from the vendors'
+#: datasheets (SXM parts unless named): the denominator of model FLOP utilisation (MFU). The first
+#: entry whose name occurs in the device's name applies. A device or dtype not listed gets no MFU
+#: unless the benchmark is given ``peak_tflops``.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0}),
+    ("H100", {"bfloat16": 989.4}),
+    ("H200", {"bfloat16": 989.4}),
+    ("A100", {"bfloat16": 312.0}),
+)
+
+#: The compute dtypes the JAX and PyTorch benchmarks run in (PyTorch's bfloat16 is autocast: AMP).
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -36,28 +52,83 @@ class Result:
     images_per_second: float
     compile_seconds: float | None = None
     peak_bytes: int | None = None  # XLA's compiled temp + argument + output sizes
+    device: str = ""  # the device's name, as its framework gives it
+    model_tflops: float | None = None  # model FLOPs per step (step_flops) over the step's time
+    mfu: float | None = None  # model_tflops over the device's peak (PEAK_TFLOPS)
 
     def row(self) -> str:
         compile_s = f"{self.compile_seconds:.1f}" if self.compile_seconds is not None else ""
         mem = f"{self.peak_bytes / 2**20:.0f}" if self.peak_bytes else ""
+        tflops = f"{self.model_tflops:.2f}" if self.model_tflops is not None else ""
+        mfu = f"{self.mfu:.1%}" if self.mfu is not None else ""
         return (f"| {self.model} | {self.framework} | {self.mode} | {self.lowering} | "
                 f"{self.batch_size} | {self.image_size} | {self.dtype} | "
-                f"{self.seconds_per_step * 1000:.0f} | {self.images_per_second:.1f} | {compile_s} | {mem} |")
+                f"{self.seconds_per_step * 1000:.0f} | {self.images_per_second:.1f} | "
+                f"{compile_s} | {mem} | {tflops} | {mfu} |")
 
 
 HEADER = ("| model | framework | mode | lowering | batch | size | dtype | ms/step | img/s | "
-          "compile s | memory MiB |\n|---|---|---|---|---:|---:|---|---:|---:|---:|---:|")
+          "compile s | memory MiB | model TFLOP/s | MFU |\n"
+          "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 
 
-def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls. The median, because
-    the shared VM stalls a whole process now and then (+2.5 s in one train step of ten)."""
-    for _ in range(warmup):
+def peak_tflops(device: str, dtype: str) -> float | None:
+    """The dense peak TFLOP/s of ``device`` (its name) in ``dtype`` from :data:`PEAK_TFLOPS`, or
+    ``None`` where it is not listed."""
+    for name, rates in PEAK_TFLOPS:
+        if name in device:
+            return rates.get(dtype)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def step_flops(name: str, *, batch_size: int, image_size: int, mode: str) -> int:
+    """Model FLOPs of one step of ``name``: two per multiply-add of the forward pass's convolutions
+    and matrix products (:func:`pyconv_jax.counting.count_macs`, the architecture's count), three
+    times that for a train step (the backward pass does two products per forward one, for the
+    input and the kernel gradients). This is the usual convention for MFU: the work the model
+    needs, not what a lowering or rematerialisation adds."""
+    if mode not in ("train", "inference"):
+        raise ValueError(f"mode must be 'train' or 'inference', got {mode!r}")
+    forward = 2 * count_macs(create_model(name), image_size, batch_size)
+    return 3 * forward if mode == "train" else forward
+
+
+def _result(name: str, framework: str, mode: str, lowering: str, batch_size: int,
+            image_size: int, dtype: str, seconds: float, device: str,
+            peak: float | None = None, **extra) -> Result:
+    """A :class:`Result` with its throughput, model TFLOP/s and MFU (against ``peak`` TFLOP/s,
+    else the device's entry in :data:`PEAK_TFLOPS`) filled in."""
+    flops = step_flops(name, batch_size=batch_size, image_size=image_size, mode=mode)
+    tflops = flops / seconds / 1e12
+    peak = peak or peak_tflops(device, dtype)
+    return Result(name, framework, mode, lowering, batch_size, image_size, dtype, seconds,
+                  batch_size / seconds, device=device, model_tflops=tflops,
+                  mfu=tflops / peak if peak else None, **extra)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _time(fn: Callable[[], Any], warmup: int, repeats: int,
+          sync: Callable[[], Any] | None = None) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls, each waited for (JAX
+    arrays it returns, and ``sync``: e.g. ``torch.cuda.synchronize``). The median, because the
+    shared VM stalls a whole process now and then (+2.5 s in one train step of ten)."""
+
+    def call():
         jax.block_until_ready(fn())
+        if sync is not None:
+            sync()
+
+    for _ in range(warmup):
+        call()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        call()
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
 
@@ -70,21 +141,31 @@ def _memory(compiled) -> int | None:
         return None
 
 
+def _inputs(batch_size: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random NHWC images and labels (never zeros: they can run faster than real data)."""
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+            rng.integers(0, 1000, size=(batch_size,)))
+
+
 def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
                   lowering: str = "auto", remat: bool = False, warmup: int = 2,
-                  repeats: int = 5) -> list[Result]:
-    """Train-step (SGD momentum) and inference timings of a registered model in JAX."""
+                  repeats: int = 5, peak: float | None = None) -> list[Result]:
+    """Train-step (SGD momentum) and inference timings of a registered model in JAX, on the
+    default device. ``peak`` (TFLOP/s) overrides :data:`PEAK_TFLOPS` for the MFU."""
+    _check_dtype(dtype)
     model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch_size, image_size, image_size, 3)),
-                    jnp.float32)
-    y = jnp.zeros((batch_size,), jnp.int32)
+    images, labels = _inputs(batch_size, image_size)
+    x, y = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                     batch_stats=variables["batch_stats"],
                                     tx=optax.sgd(0.1, momentum=0.9))
     train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
     label = lowering + ("+remat" if remat else "")
-    results = []
+    device = jax.devices()[0].device_kind
+    row = functools.partial(_result, name, "jax", lowering=label, batch_size=batch_size,
+                            image_size=image_size, dtype=dtype, device=device, peak=peak)
 
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"image": x, "label": y}).compile()
@@ -95,49 +176,79 @@ def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "
         holder["state"], metrics = compiled(holder["state"], {"image": x, "label": y})
         return metrics["loss"]
 
-    sec = _time(one_train_step, warmup, repeats)
-    results.append(Result(name, "jax", "train", label, batch_size, image_size, dtype, sec,
-                          batch_size / sec, compile_s, _memory(compiled)))
+    results = [row(mode="train", seconds=_time(one_train_step, warmup, repeats),
+                   compile_seconds=compile_s, peak_bytes=_memory(compiled))]
 
     variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
     infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
     t0 = time.perf_counter()
     compiled_inf = infer.lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
-    sec = _time(lambda: compiled_inf(variables, x), warmup, repeats)
-    results.append(Result(name, "jax", "inference", label, batch_size, image_size, dtype, sec,
-                          batch_size / sec, compile_s, _memory(compiled_inf)))
+    results.append(row(mode="inference",
+                       seconds=_time(lambda: compiled_inf(variables, x), warmup, repeats),
+                       compile_seconds=compile_s, peak_bytes=_memory(compiled_inf)))
     return results
 
 
-def benchmark_torch(name: str, *, batch_size: int, image_size: int, warmup: int = 2,
-                    repeats: int = 5) -> list[Result]:
-    """The same architecture in PyTorch (the tests' reference model), channels_last, float32."""
+def _torch_device(device: str | None = None) -> tuple[str, Callable[[], Any] | None]:
+    """``device`` (by default CUDA where PyTorch sees a GPU, else the CPU) and the call that waits
+    for its queued work (``None`` on the CPU, which runs eagerly). On CUDA, cuDNN picks its fastest
+    algorithms (its ``benchmark`` mode) during the warm-up calls."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cuda"):
+        return device, None
+    torch.backends.cudnn.benchmark = True
+    return device, torch.cuda.synchronize
+
+
+def benchmark_torch(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
+                    device: str | None = None, warmup: int = 2, repeats: int = 5,
+                    peak: float | None = None) -> list[Result]:
+    """The same architecture in PyTorch (the tests' reference model), channels_last, eager, on
+    ``device`` (CUDA when there is one, else the CPU). ``bfloat16`` runs it under autocast (AMP):
+    float32 weights and optimizer, bfloat16 convolutions and matrix products, which is how
+    PyTorch users train in bfloat16."""
     import torch
 
     from tests.torch_reference import build_torch_model
 
-    model = build_torch_model(name).to(memory_format=torch.channels_last)
-    x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
-    y = torch.zeros(batch_size, dtype=torch.long)
+    _check_dtype(dtype)
+    device, sync = _torch_device(device)
+    cuda = device.startswith("cuda")
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    row = functools.partial(_result, name, "torch", lowering="-", batch_size=batch_size,
+                            image_size=image_size, dtype=dtype, device=device_name, peak=peak)
+    timed = functools.partial(_time, warmup=warmup, repeats=repeats, sync=sync)
+
+    def amp():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16)
+
+    images, labels = _inputs(batch_size, image_size)
+    model = build_torch_model(name).to(device=device, memory_format=torch.channels_last)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.from_numpy(labels).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def train():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with amp():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        return None
+
+    def infer():
+        with torch.no_grad(), amp():
+            model(x)
 
     model.train()
-    sec = _time(train, warmup, repeats)
-    results = [Result(name, "torch", "train", "-", batch_size, image_size, "float32", sec,
-                      batch_size / sec)]
+    results = [row(mode="train", seconds=timed(train))]
     model.eval()
-    with torch.no_grad():
-        sec = _time(lambda: model(x), warmup, repeats)
-    results.append(Result(name, "torch", "inference", "-", batch_size, image_size, "float32", sec,
-                          batch_size / sec))
+    results.append(row(mode="inference", seconds=timed(infer)))
     return results
 
 
@@ -245,12 +356,14 @@ def benchmark_jax_block(name: str, stage: int, index: int, input_shape, *,
 
 def benchmark_torch_block(name: str, stage: int, index: int, input_shape, *, warmup: int = 2,
                           repeats: int = 5) -> dict:
-    """The same block of the PyTorch reference model (channels_last, float32), timed the same way."""
+    """The same block of the PyTorch reference model (channels_last, float32), timed the same way,
+    on :func:`benchmark_torch`'s device."""
     import torch
 
-    block = torch_block(name, stage, index).to(memory_format=torch.channels_last)
+    device, sync = _torch_device()
+    block = torch_block(name, stage, index).to(device=device, memory_format=torch.channels_last)
     n, h, w, c = input_shape
-    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(n, c, h, w, device=device).to(memory_format=torch.channels_last).requires_grad_()
     with torch.no_grad():
         dy = torch.randn_like(block(x))
 
@@ -260,10 +373,10 @@ def benchmark_torch_block(name: str, stage: int, index: int, input_shape, *, war
         block(x).backward(dy)
 
     block.train()
-    out = {"train": _time(train, warmup, repeats)}
+    out = {"train": _time(train, warmup, repeats, sync)}
     block.eval()
     with torch.no_grad():
-        out["inference"] = _time(lambda: block(x), warmup, repeats)
+        out["inference"] = _time(lambda: block(x), warmup, repeats, sync)
     return out
 
 
@@ -371,13 +484,14 @@ def benchmark_stage_levels(name: str, *, batch_size: int, image_size: int,
 def _torch_level(name, stage, k, g, input_shape, f, repeats) -> LevelResult:
     import torch
 
+    device, sync = _torch_device()
     n, h, w, c = input_shape
     conv = torch.nn.Conv2d(c, f, k, padding=k // 2, groups=g, bias=False)
-    conv = conv.to(memory_format=torch.channels_last)
-    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    conv = conv.to(device=device, memory_format=torch.channels_last)
+    x = torch.randn(n, c, h, w, device=device).to(memory_format=torch.channels_last).requires_grad_()
     with torch.no_grad():
-        dy = torch.ones_like(conv(x))
-        forward = _time(lambda: conv(x), 2, repeats)
+        dy = torch.randn_like(conv(x))
+        forward = _time(lambda: conv(x), 2, repeats, sync)
 
     def forward_backward():
         conv.zero_grad(set_to_none=True)
@@ -385,7 +499,7 @@ def _torch_level(name, stage, k, g, input_shape, f, repeats) -> LevelResult:
         conv(x).backward(dy)
 
     return LevelResult(name, stage, k, g, input_shape, f, "torch", forward,
-                       _time(forward_backward, 2, repeats))
+                       _time(forward_backward, 2, repeats, sync))
 
 
 def levels_table(results: list[LevelResult]) -> str:

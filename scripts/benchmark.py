@@ -2,6 +2,7 @@ r"""Train-step and inference throughput, compile time and memory; optional PyTor
 
     python scripts/benchmark.py --models pyconvresnet50,resnet50 --batch_size 16 --image_size 224 \
         [--dtype bfloat16] [--lowerings auto,grouped] [--remat] [--compare_torch] [--levels]
+        [--peak_tflops 989.4]
         [--memory_batch_sizes 64,256] [--input_pipeline] [--blocks] [--output benchmark.json]
 """
 
@@ -26,7 +27,8 @@ from pyconv_jax import benchmark  # noqa: E402
 flags.DEFINE_list("models", ["pyconvresnet50", "resnet50"], "Registered model names.")
 flags.DEFINE_integer("batch_size", 16, "Batch size.")
 flags.DEFINE_integer("image_size", 224, "Square input resolution.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype (float32, bfloat16).")
+flags.DEFINE_enum("dtype", "float32", list(benchmark.DTYPES),
+                  "Compute dtype (PyTorch's bfloat16 is autocast, AMP).")
 flags.DEFINE_list("lowerings", ["auto"],
                   "Conv lowerings to measure (auto, grouped, dense, split, onednn).")
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
@@ -41,6 +43,8 @@ flags.DEFINE_bool("timing", True, "Time the train and inference steps (--notimin
 flags.DEFINE_bool("input_pipeline", False, "Also measure the JPEG input pipeline (images/s/core).")
 flags.DEFINE_integer("repeats", 5,
                      "Timed calls per measurement (their median, after 2 warm-up calls).")
+flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s in --dtype, for the MFU "
+                   "column (default: pyconv_jax.benchmark.PEAK_TFLOPS, which lists GPUs).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -62,11 +66,12 @@ def main(argv):
             for remat in ([False, True] if FLAGS.remat else [False]):
                 add(benchmark.benchmark_jax(
                     name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                    dtype=FLAGS.dtype, lowering=lowering, remat=remat, repeats=FLAGS.repeats))
+                    dtype=FLAGS.dtype, lowering=lowering, remat=remat, repeats=FLAGS.repeats,
+                    peak=FLAGS.peak_tflops))
         if FLAGS.compare_torch:
             add(benchmark.benchmark_torch(
                 name, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-                repeats=FLAGS.repeats))
+                dtype=FLAGS.dtype, repeats=FLAGS.repeats, peak=FLAGS.peak_tflops))
     if FLAGS.compare_torch:
         for r in results:
             ref = [t for t in results if t.framework == "torch" and t.model == r.model

@@ -104,3 +104,57 @@ def test_stage_levels_are_each_stages_pyramid_at_its_resolution():
     table = benchmark.levels_table(results).splitlines()
     assert len(table) == 2 + len(expected)
     assert table[2].startswith("| 1 | 3x3, 1 group | 2x8x8x64 -> 16 |")
+
+
+def test_step_flops_are_twice_the_published_macs_and_three_passes_for_training():
+    """The MFU numerator: 2 FLOPs per multiply-add of the architecture (the paper's count,
+    independent of the lowering), three forward passes' worth per train step."""
+    inference = benchmark.step_flops("pyconvresnet50", batch_size=1, image_size=224,
+                                     mode="inference")
+    assert inference == pytest.approx(2 * 3.820e9, rel=1e-3)  # official-models.md: 3.820 G MACs
+    assert benchmark.step_flops("pyconvresnet50", batch_size=4, image_size=224,
+                                mode="train") == 3 * 4 * inference
+    with pytest.raises(ValueError, match="mode must be"):
+        benchmark.step_flops("pyconvresnet50", batch_size=1, image_size=224, mode="eval")
+
+
+def test_peak_rates_match_device_names_most_specific_first():
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert benchmark.peak_tflops("NVIDIA H200", "float32") is None
+    assert benchmark.peak_tflops("cpu", "bfloat16") is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_benchmarks_report_throughput_model_flops_and_mfu(dtype):
+    """Both frameworks' train and inference timings, in either dtype (PyTorch's bfloat16 as
+    autocast), with model TFLOP/s and an MFU against the given peak."""
+    rows = (benchmark.benchmark_jax("pyconvresnet18", batch_size=2, image_size=32, dtype=dtype,
+                                    repeats=1, warmup=1, peak=2.0)
+            + benchmark.benchmark_torch("pyconvresnet18", batch_size=2, image_size=32,
+                                        dtype=dtype, repeats=1, warmup=1, peak=2.0))
+    assert [(r.framework, r.mode) for r in rows] == [
+        ("jax", "train"), ("jax", "inference"), ("torch", "train"), ("torch", "inference")]
+    for r in rows:
+        flops = benchmark.step_flops("pyconvresnet18", batch_size=2, image_size=32, mode=r.mode)
+        assert r.dtype == dtype and r.device and r.seconds_per_step > 0
+        assert r.images_per_second == pytest.approx(2 / r.seconds_per_step)
+        assert r.model_tflops == pytest.approx(flops / r.seconds_per_step / 1e12)
+        assert r.mfu == pytest.approx(r.model_tflops / 2.0)
+        assert r.row().count("|") == benchmark.HEADER.splitlines()[0].count("|")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        benchmark.benchmark_torch("pyconvresnet18", batch_size=2, image_size=32, dtype="float16")
+
+
+def test_benchmarks_and_device_checks_import_without_the_input_pipelines_libraries():
+    """The GPU machines have JAX, Flax, optax and PyTorch but not TensorFlow, tensorflow-datasets
+    or ml_collections: the benchmark and the device checks must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pyconv_jax.benchmark, pyconv_jax.device_check, pyconv_jax.train.steps; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 5's GPU measurements in one call, for a lent GPU machine (the `device` tool):
+#
+#     bash scripts/gpu_session.sh
+#
+# 1. the device checks (scripts/device_check.py): every lowering of every pyramid of
+#    PyConvResNet-50 and PyConvHGResNet-50, and PyConvResNet-50 itself, forward and backward,
+#    in float32 and bfloat16, against PyTorch in float64 (and PyTorch's own error as yardstick);
+# 2. the benchmark: PyConvResNet-50 and ResNet-50 train and inference steps, bfloat16, batch 256,
+#    224x224, beside PyTorch (AMP, channels_last) in the same process, with MFU;
+# 3. with the time left, the same train step in the other lowerings (the GPU's policy).
+#
+# Everything lands under $OUT (the device tool's folder; else runs/gpu) as each stage ends, so
+# a stage cut short by its time limit loses only itself. The machine's own python3 runs it (its
+# JAX, Flax, optax and PyTorch); it needs none of the input pipeline's libraries.
+set -u -o pipefail
+out=${OUT:-runs/gpu}
+mkdir -p "$out"
+# JAX would take 75% of the GPU's memory at start; PyTorch shares the process.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+py=${PYTHON:-python3}
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, output to $out/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    grep -v -E "^(I0000|W0000|WARNING: All log)" "$out/$name.log" | tail -n 60
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  "$py" -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
+} > "$out/versions.txt" 2>&1
+cat "$out/versions.txt"
+
+# The benchmark's batch and resolution; smaller ones check this script on a CPU.
+batch=${BATCH:-256}
+size=${SIZE:-224}
+
+stage device_check 200 "$py" scripts/device_check.py --models pyconvresnet50,pyconvhgresnet50 \
+    --whole_models pyconvresnet50 --output "$out/device_check.json"
+stage benchmark 300 "$py" scripts/benchmark.py --models pyconvresnet50,resnet50 \
+    --batch_size "$batch" --image_size "$size" --dtype bfloat16 --compare_torch \
+    --output "$out/gpu_models.json"
+stage lowerings 150 "$py" scripts/benchmark.py --models pyconvresnet50 --lowerings split,dense \
+    --batch_size "$batch" --image_size "$size" --dtype bfloat16 \
+    --output "$out/gpu_lowerings.json"
