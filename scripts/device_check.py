@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     whole = FLAGS.models if FLAGS.whole_models is None else FLAGS.whole_models
-    unknown = [name for name in FLAGS.models + whole if name not in list_models()]
+    unknown = [name for name in dict.fromkeys(FLAGS.models + whole) if name not in list_models()]
     if unknown:
         sys.exit(f"unknown model {', '.join(unknown)}: choose from {', '.join(list_models())}")
     device = jax.devices()[0].device_kind

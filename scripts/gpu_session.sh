@@ -8,8 +8,11 @@
 #    in float32 and bfloat16, against PyTorch in float64 (and PyTorch's own error as yardstick);
 # 2. the benchmark: PyConvResNet-50 and ResNet-50 train and inference steps, bfloat16, batch 256,
 #    224x224, beside PyTorch (AMP, channels_last) in the same process, with MFU;
-# 3. with the time left, the same train step in the other lowerings (the GPU's policy).
+# 3. the train step's planned memory at batch 256, with and without rematerialisation;
+# 4. the same train step in the other lowerings (evidence for the GPU's lowering policy).
 #
+# Each stage has a time limit, and all of them end by 570 s (DEADLINE), under the device tool's
+# 600 s a call: a stage gets what is left when its own limit would pass the deadline.
 # Everything lands under $OUT (the device tool's folder; else runs/gpu) as each stage ends, so
 # a stage cut short by its time limit loses only itself. The machine's own python3 runs it (its
 # JAX, Flax, optax and PyTorch); it needs none of the input pipeline's libraries.
@@ -20,9 +23,13 @@ mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=${PYTHON:-python3}
 
+deadline=${DEADLINE:-570}
+
 stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, output to $out/NAME.log
     local name=$1 limit=$2
     shift 2
+    if (( deadline - SECONDS < limit )); then limit=$((deadline - SECONDS)); fi
+    if (( limit < 10 )); then echo "== $name: skipped, no time left"; return; fi
     echo "== $name (limit ${limit}s)"
     local start=$SECONDS
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
@@ -41,11 +48,14 @@ cat "$out/versions.txt"
 batch=${BATCH:-256}
 size=${SIZE:-224}
 
-stage device_check 200 "$py" scripts/device_check.py --models pyconvresnet50,pyconvhgresnet50 \
+stage device_check 170 "$py" scripts/device_check.py --models pyconvresnet50,pyconvhgresnet50 \
     --whole_models pyconvresnet50 --output "$out/device_check.json"
-stage benchmark 300 "$py" scripts/benchmark.py --models pyconvresnet50,resnet50 \
+stage benchmark 280 "$py" scripts/benchmark.py --models pyconvresnet50,resnet50 \
     --batch_size "$batch" --image_size "$size" --dtype bfloat16 --compare_torch \
     --output "$out/gpu_models.json"
-stage lowerings 150 "$py" scripts/benchmark.py --models pyconvresnet50 --lowerings split,dense \
+stage memory 100 "$py" scripts/benchmark.py --models pyconvresnet50,resnet50 --notiming \
+    --memory_batch_sizes "$batch" --image_size "$size" --dtype bfloat16 \
+    --output "$out/gpu_memory.json"
+stage lowerings 120 "$py" scripts/benchmark.py --models pyconvresnet50 --lowerings split,dense \
     --batch_size "$batch" --image_size "$size" --dtype bfloat16 \
     --output "$out/gpu_lowerings.json"
