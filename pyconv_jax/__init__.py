@@ -4,7 +4,7 @@ The public names load their modules (and JAX) on first use, so that a script can
 :mod:`pyconv_jax.host` and restart itself before paying for those imports.
 """
 
-import importlib
+from pyconv_jax._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -16,13 +16,4 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pyconv_jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,6 @@ noisy machine: each measurement is the median of ``repeats`` timed calls after `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -223,9 +222,7 @@ def benchmark_torch(name: str, *, batch_size: int, image_size: int, dtype: str =
     timed = functools.partial(_time, warmup=warmup, repeats=repeats, sync=sync)
 
     def amp():
-        if dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16)
+        return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, dtype == "bfloat16")
 
     images, labels = _inputs(batch_size, image_size)
     model = build_torch_model(name).to(device=device, memory_format=torch.channels_last)
