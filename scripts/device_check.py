@@ -9,6 +9,7 @@ Prints a summary table, writes every check as JSON, and exits with status 1 if a
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -33,6 +34,13 @@ flags.DEFINE_string("output", None, "Write every check as JSON here.")
 FLAGS = flags.FLAGS
 
 
+def _write(path: str, report: dict) -> None:
+    """Writes ``report`` as JSON to ``path`` whole or not at all (a temporary file, renamed)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv):
     del argv
     whole = FLAGS.models if FLAGS.whole_models is None else FLAGS.whole_models
@@ -41,21 +49,29 @@ def main(argv):
         sys.exit(f"unknown model {', '.join(unknown)}: choose from {', '.join(list_models())}")
     device = jax.devices()[0].device_kind
     print(f"backend: {jax.default_backend()} ({jax.device_count()} x {device})", flush=True)
-    checks = []
+    # Most telling first (each model's pyramids, then the model), each group's table printed and
+    # the JSON rewritten as it ends, so a run cut short keeps what it finished.
+    def pyramids(name):
+        return f"{name} pyramids", functools.partial(
+            device_check.check_pyramids, device_check.pyramid_cases(name), FLAGS.lowerings)
+
+    def model(name):
+        return name, functools.partial(device_check.check_model, name, FLAGS.model_lowerings,
+                                       batch_size=FLAGS.batch_size, image_size=FLAGS.image_size)
+
+    tasks = []
     for name in FLAGS.models:
-        checks += device_check.check_pyramids(device_check.pyramid_cases(name), FLAGS.lowerings)
-        print(f"{name} pyramids: {sum(c.ok for c in checks)}/{len(checks)} checks passed so far",
-              flush=True)
-    for name in whole:
-        checks += device_check.check_model(name, FLAGS.model_lowerings,
-                                           batch_size=FLAGS.batch_size, image_size=FLAGS.image_size)
-        print(f"{name}: {sum(c.ok for c in checks)}/{len(checks)} checks passed so far", flush=True)
-    print(device_check.summary(checks))
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                       "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks]}, f,
-                      indent=1)
+        tasks += [pyramids(name)] + ([model(name)] if name in whole else [])
+    tasks += [model(name) for name in whole if name not in FLAGS.models]
+    checks = []
+    for label, run in tasks:
+        done = run()
+        checks += done
+        print(f"{label}: {sum(c.ok for c in done)}/{len(done)} checks passed", flush=True)
+        print(device_check.summary(done), flush=True)
+        if FLAGS.output:
+            _write(FLAGS.output, {"backend": jax.default_backend(), "device": device,
+                                  "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks]})
     failed = [c for c in checks if not c.ok]
     if failed:
         sys.exit(f"{len(failed)} of {len(checks)} checks failed: "

@@ -87,6 +87,7 @@ def test_the_script_writes_every_check_and_exits_zero_when_all_pass(tmp_path):
     assert report["backend"] == "cpu"
     assert len(report["checks"]) == 8 * 3 * 3 + 3 * 2 and all(c["ok"] for c in report["checks"])
     assert "| pyconvresnet18 pyramids | grouped | bfloat16 | default | forward |" in out.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["checks.json"]  # written whole, no leftovers
 
 
 def test_the_script_names_an_unknown_model_in_one_line():
