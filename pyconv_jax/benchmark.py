@@ -147,39 +147,57 @@ def _inputs(batch_size: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
             rng.integers(0, 1000, size=(batch_size,)))
 
 
+@dataclasses.dataclass
+class TrainStep:
+    """A model's compiled train step on fixed random inputs; :meth:`run` takes one step (the
+    state is donated and replaced) and returns its loss."""
+
+    model: nn.Module
+    compiled: Any
+    state: Any
+    batch: dict
+    compile_seconds: float
+
+    def run(self):
+        self.state, metrics = self.compiled(self.state, self.batch)
+        return metrics["loss"]
+
+
+def compile_train_step(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
+                       lowering: str = "auto", remat: bool = False) -> TrainStep:
+    """The project's train step (SGD momentum, BatchNorm in training mode) of model ``name``,
+    compiled for random inputs of the given shape."""
+    _check_dtype(dtype)
+    model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
+    images, labels = _inputs(batch_size, image_size)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
+    variables = jax.jit(model.init)(jax.random.key(0), batch["image"][:1])
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"],
+                                    tx=optax.sgd(0.1, momentum=0.9))
+    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+    return TrainStep(model, compiled, state, batch, time.perf_counter() - t0)
+
+
 def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
                   lowering: str = "auto", remat: bool = False, warmup: int = 2,
                   repeats: int = 5, peak: float | None = None) -> list[Result]:
     """Train-step (SGD momentum) and inference timings of a registered model in JAX, on the
     default device. ``peak`` (TFLOP/s) overrides :data:`PEAK_TFLOPS` for the MFU."""
-    _check_dtype(dtype)
-    model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
-    images, labels = _inputs(batch_size, image_size)
-    x, y = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    batch_stats=variables["batch_stats"],
-                                    tx=optax.sgd(0.1, momentum=0.9))
-    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
-    label = lowering + ("+remat" if remat else "")
+    step = compile_train_step(name, batch_size=batch_size, image_size=image_size, dtype=dtype,
+                              lowering=lowering, remat=remat)
     device = jax.devices()[0].device_kind
-    row = functools.partial(_result, name, "jax", lowering=label, batch_size=batch_size,
-                            image_size=image_size, dtype=dtype, device=device, peak=peak)
+    row = functools.partial(_result, name, "jax", lowering=lowering + ("+remat" if remat else ""),
+                            batch_size=batch_size, image_size=image_size, dtype=dtype,
+                            device=device, peak=peak)
+    results = [row(mode="train", seconds=_time(step.run, warmup, repeats),
+                   compile_seconds=step.compile_seconds, peak_bytes=_memory(step.compiled))]
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"image": x, "label": y}).compile()
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state}
-
-    def one_train_step():
-        holder["state"], metrics = compiled(holder["state"], {"image": x, "label": y})
-        return metrics["loss"]
-
-    results = [row(mode="train", seconds=_time(one_train_step, warmup, repeats),
-                   compile_seconds=compile_s, peak_bytes=_memory(compiled))]
-
-    variables = {"params": holder["state"].params, "batch_stats": holder["state"].batch_stats}
-    infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    variables = {"params": step.state.params, "batch_stats": step.state.batch_stats}
+    x = step.batch["image"]
+    infer = jax.jit(lambda v, x: step.model.apply(v, x, train=False))
     t0 = time.perf_counter()
     compiled_inf = infer.lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
@@ -187,6 +205,27 @@ def benchmark_jax(name: str, *, batch_size: int, image_size: int, dtype: str = "
                        seconds=_time(lambda: compiled_inf(variables, x), warmup, repeats),
                        compile_seconds=compile_s, peak_bytes=_memory(compiled_inf)))
     return results
+
+
+def alternated_train_seconds(names, *, batch_size: int, image_size: int,
+                             dtype: str = "float32", lowering: str = "auto", rounds: int = 14,
+                             warmup: int = 2) -> dict[str, float]:
+    """Median train-step seconds of each model in ``names``, timed in alternation: every round
+    takes one step of each model in turn. A shared machine's speed drifts over minutes; this way
+    the drift reaches every model alike, so the ratios between them are steadier than those of
+    :func:`benchmark_jax` calls made minutes apart."""
+    compiled = {name: compile_train_step(name, batch_size=batch_size, image_size=image_size,
+                                         dtype=dtype, lowering=lowering) for name in names}
+    for step in compiled.values():
+        for _ in range(warmup):
+            jax.block_until_ready(step.run())
+    seconds = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step.run())
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in seconds.items()}
 
 
 def _torch_device(device: str | None = None) -> tuple[str, Callable[[], Any] | None]:

@@ -2,7 +2,7 @@ r"""Train-step and inference throughput, compile time and memory; optional PyTor
 
     python scripts/benchmark.py --models pyconvresnet50,resnet50 --batch_size 16 --image_size 224 \
         [--dtype bfloat16] [--lowerings auto,grouped] [--remat] [--compare_torch] [--levels]
-        [--peak_tflops 989.4]
+        [--peak_tflops 989.4] [--alternate_rounds 14]
         [--memory_batch_sizes 64,256] [--input_pipeline] [--blocks] [--output benchmark.json]
 """
 
@@ -45,6 +45,8 @@ flags.DEFINE_integer("repeats", 5,
                      "Timed calls per measurement (their median, after 2 warm-up calls).")
 flags.DEFINE_float("peak_tflops", None, "The device's peak TFLOP/s in --dtype, for the MFU "
                    "column (default: pyconv_jax.benchmark.PEAK_TFLOPS, which lists GPUs).")
+flags.DEFINE_integer("alternate_rounds", 0, "Also time the models' train steps in alternation, "
+                     "this many rounds (one step of each per round; medians): steadier ratios.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -85,6 +87,17 @@ def main(argv):
         if r.framework == "jax" and b and r.model != "resnet50":
             print(f"{r.model} {r.mode} {r.lowering}: time / resnet50 time = "
                   f"{r.seconds_per_step / b.seconds_per_step:.2f}")
+    alternated = {}
+    if FLAGS.alternate_rounds:
+        alternated = benchmark.alternated_train_seconds(
+            FLAGS.models, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+            dtype=FLAGS.dtype, lowering=FLAGS.lowerings[0], rounds=FLAGS.alternate_rounds)
+        print(f"train steps in alternation, medians of {FLAGS.alternate_rounds}: " + ", ".join(
+            f"{name} {sec * 1e3:.0f} ms" for name, sec in alternated.items()))
+        for name, sec in alternated.items():
+            if name != "resnet50" and "resnet50" in alternated:
+                print(f"{name} train, alternated: time / resnet50 time = "
+                      f"{sec / alternated['resnet50']:.3f}")
     levels = {}
     if FLAGS.levels:
         names = benchmark.level_lowerings()
@@ -136,6 +149,7 @@ def main(argv):
                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                        "ld_preload": os.environ.get("LD_PRELOAD"),
                        "results": [dataclasses.asdict(r) for r in results], "levels": levels,
+                       "alternated_train_seconds": alternated,
                        "blocks": [dataclasses.asdict(r) for r in blocks],
                        "stage_levels": [dataclasses.asdict(r) for r in stage_levels],
                        "memory": memory, "input_pipeline": pipeline}, f, indent=1)

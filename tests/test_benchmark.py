@@ -158,3 +158,19 @@ def test_benchmarks_and_device_checks_import_without_the_input_pipelines_librari
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_alternated_train_steps_time_every_model_each_round(monkeypatch):
+    calls = []
+    original = benchmark.TrainStep.run
+
+    def run(self):
+        calls.append(self.model.pyconv_kernels[0])  # (3, 5, 7, 9) or (3,): which model
+        return original(self)
+
+    monkeypatch.setattr(benchmark.TrainStep, "run", run)
+    seconds = benchmark.alternated_train_seconds(["pyconvresnet18", "resnet18"], batch_size=2,
+                                                 image_size=32, rounds=3, warmup=1)
+    assert list(seconds) == ["pyconvresnet18", "resnet18"] and all(s > 0 for s in seconds.values())
+    # one warm-up step each, then the models in turn, round after round
+    assert calls == [(3, 5, 7, 9), (3,)] * 4
