@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -133,11 +134,18 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int,
 
 
 def _memory(compiled) -> int | None:
+    """XLA's planned bytes for one call of ``compiled``, or None (with a warning) where the
+    backend does not report them."""
     try:
         m = compiled.memory_analysis()
-        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
-    except Exception:  # not every backend reports it
+    except (NotImplementedError, RuntimeError) as e:  # jaxlib's XlaRuntimeError is a RuntimeError
+        m, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "memory_analysis() returned None"
+    if m is None:
+        logging.warning("no memory figure: this backend does not report one (%s)", why)
         return None
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
 def _inputs(batch_size: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:

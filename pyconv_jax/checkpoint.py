@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pyconv_jax import models
+
 MODEL, TRAIN, META = "model", "train", "meta"
 ITEM_NAMES = (MODEL, TRAIN, META)
 FORMAT_VERSION = 1
@@ -149,17 +151,7 @@ def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
 
 def build_model(meta: dict[str, Any]):
     """Rebuilds the model recorded in ``meta``."""
-    from pyconv_jax.models import create_model
-
-    return create_model(meta["model"], **meta.get("model_kwargs", {}))
-
-
-def abstract_variables(model, image_size: int = 32) -> dict[str, Any]:
-    """Shapes and dtypes of ``model``'s ``params`` and ``batch_stats`` (no compute)."""
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False)
-    )
-    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+    return models.create_model(meta["model"], **meta.get("model_kwargs", {}))
 
 
 def restore_model_variables(
@@ -177,7 +169,8 @@ def restore_model_variables(
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_variables(model)
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        models.abstract_variables(model),
     )
     restored = manager.restore(
         step, args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(target)})

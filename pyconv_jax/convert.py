@@ -158,7 +158,7 @@ def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 def _flat_abstract_variables(model) -> dict[tuple[str, ...], Any]:
     from flax.traverse_util import flatten_dict
 
-    from pyconv_jax.checkpoint import abstract_variables
+    from pyconv_jax.models import abstract_variables
 
     return flatten_dict(abstract_variables(model))
 

@@ -187,6 +187,17 @@ def _torch_model(name: str, seed: int):
     return model.train()
 
 
+def _allow_tf32(torch, allow: bool) -> None:
+    """Lets (or stops) cuDNN's convs and cuBLAS's products round float32 to TF32: through the
+    ``fp32_precision`` settings of PyTorch 2.9 and later, else the older ``allow_tf32`` flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = (
+            "tf32" if allow else "ieee")
+    else:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def _torch_logits_and_grads(name, model, images, weights, dtype, precision, device):
     """The logits of the PyTorch ``model`` in train mode and the gradients of
     ``sum(logits * weights)`` as Flax ``params`` leaves: in float64 (``dtype`` None) or in a
@@ -198,8 +209,7 @@ def _torch_logits_and_grads(name, model, images, weights, dtype, precision, devi
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if kind == "cuda":
-        torch.backends.cudnn.allow_tf32 = precision == "default"
-        torch.backends.cuda.matmul.allow_tf32 = precision == "default"
+        _allow_tf32(torch, precision == "default")
     model = model.to(device=device, dtype=torch.float64 if dtype is None else torch.float32)
     model.zero_grad(set_to_none=True)
     x = torch.from_numpy(np.transpose(images, (0, 3, 1, 2))).to(device, model.fc.weight.dtype)

@@ -149,13 +149,15 @@ def test_model_benchmarks_report_throughput_model_flops_and_mfu(dtype):
 
 def test_benchmarks_and_device_checks_import_without_the_input_pipelines_libraries():
     """The GPU machines have JAX, Flax, optax and PyTorch but not TensorFlow, tensorflow-datasets
-    or ml_collections: the benchmark and the device checks must not need them."""
+    or ml_collections, and need not have orbax: the benchmark and the device checks (which map
+    PyTorch's weights to Flax's names) must not need them."""
     import subprocess
     import sys
 
     code = ("import sys, pyconv_jax.benchmark, pyconv_jax.device_check, pyconv_jax.train.steps; "
-            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections') "
-            "if m in sys.modules))")
+            "from pyconv_jax import convert; convert.name_map('resnet18'); "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', "
+            "'orbax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -174,3 +176,24 @@ def test_alternated_train_steps_time_every_model_each_round(monkeypatch):
     assert list(seconds) == ["pyconvresnet18", "resnet18"] and all(s > 0 for s in seconds.values())
     # one warm-up step each, then the models in turn, round after round
     assert calls == [(3, 5, 7, 9), (3,)] * 4
+
+
+def test_memory_figure_is_none_with_a_warning_only_where_the_backend_has_none(caplog):
+    compiled = jax.jit(lambda x: x * 2).lower(jnp.ones((4, 4))).compile()
+    assert benchmark._memory(compiled) >= 2 * 4 * 4 * 4  # the argument and the output
+
+    class NoAnalysis:
+        def __init__(self, result):
+            self.result = result
+
+        def memory_analysis(self):
+            if isinstance(self.result, Exception):
+                raise self.result
+            return self.result
+
+    for result in (NotImplementedError("not here"), None):
+        caplog.clear()
+        assert benchmark._memory(NoAnalysis(result)) is None
+        assert "no memory figure" in caplog.text
+    with pytest.raises(ValueError):  # a real failure is not hidden
+        benchmark._memory(NoAnalysis(ValueError("bug")))

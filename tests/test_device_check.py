@@ -95,3 +95,17 @@ def test_the_script_names_an_unknown_model_in_one_line():
                          capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("unknown model nosuchnet: choose from")
+
+
+def test_tf32_switch_sets_both_cudnn_convs_and_cublas_products():
+    import torch
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    try:
+        device_check._allow_tf32(torch, False)
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        device_check._allow_tf32(torch, True)
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before

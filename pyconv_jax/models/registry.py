@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from pyconv_jax.models.resnet import ResNet
@@ -55,3 +56,11 @@ def create_model(name: str, **overrides: Any) -> ResNet:
         )
     kwargs.update(overrides)
     return ResNet(**kwargs)
+
+
+def abstract_variables(model, image_size: int = 32) -> dict[str, Any]:
+    """Shapes and dtypes of ``model``'s ``params`` and ``batch_stats``, traced without compute
+    (the targets of a checkpoint restore and of a weight conversion)."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
