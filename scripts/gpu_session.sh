@@ -15,7 +15,7 @@
 # 600 s a call: a stage gets what is left when its own limit would pass the deadline.
 # Everything lands under $OUT (the device tool's folder; else runs/gpu) as each stage ends, so
 # a stage cut short by its time limit loses only itself. The machine's own python3 runs it (its
-# JAX, Flax, optax and PyTorch); it needs none of the input pipeline's libraries.
+# JAX, Flax, optax and PyTorch); it needs neither orbax nor the input pipeline's libraries.
 set -u -o pipefail
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
@@ -43,6 +43,20 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, outp
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
 } > "$out/versions.txt" 2>&1
 cat "$out/versions.txt"
+
+# The image's own Flax and optax must work with its JAX (an old Flax fails on JAX 0.11's removed
+# jax.core names at the first init): one small model's init and gradient norm, else stop here.
+if ! "$py" -c "import jax, jax.numpy as jnp, optax; from pyconv_jax.models import create_model; \
+m = create_model('pyconvresnet18', num_classes=10); \
+v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False); \
+print('smoke test: init and optax.tree.norm', float(optax.tree.norm(v['params'])) > 0)" \
+    > "$out/smoke.log" 2>&1; then
+  tail -n 5 "$out/smoke.log"
+  echo "== this machine's JAX/Flax/optax cannot run the project (above); carry the versions in"
+  echo "   constraints.txt as wheels (the device tool's README) and run again"
+  exit 1
+fi
+cat "$out/smoke.log"
 
 # The benchmark's batch and resolution; smaller ones check this script on a CPU.
 batch=${BATCH:-256}
