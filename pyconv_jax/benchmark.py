@@ -39,6 +39,11 @@ PEAK_TFLOPS = (
 DTYPES = ("float32", "bfloat16")
 
 
+def mebibytes(nbytes: int | None) -> str:
+    """``nbytes`` in MiB for a table, or empty where there is no figure."""
+    return f"{nbytes / 2**20:.0f}" if nbytes else ""
+
+
 @dataclasses.dataclass
 class Result:
     model: str
@@ -58,7 +63,7 @@ class Result:
 
     def row(self) -> str:
         compile_s = f"{self.compile_seconds:.1f}" if self.compile_seconds is not None else ""
-        mem = f"{self.peak_bytes / 2**20:.0f}" if self.peak_bytes else ""
+        mem = mebibytes(self.peak_bytes)
         tflops = f"{self.model_tflops:.2f}" if self.model_tflops is not None else ""
         mfu = f"{self.mfu:.1%}" if self.mfu is not None else ""
         return (f"| {self.model} | {self.framework} | {self.mode} | {self.lowering} | "
@@ -171,6 +176,21 @@ class TrainStep:
         return metrics["loss"]
 
 
+def _initial_state(model: nn.Module, image_size: int) -> steps.TrainState:
+    """``model``'s initial train state under SGD momentum (the benchmarks' optimizer)."""
+    variables = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    return steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                   batch_stats=variables["batch_stats"],
+                                   tx=optax.sgd(0.1, momentum=0.9))
+
+
+def _lowered_train_step(state, batch) -> jax.stages.Lowered:
+    """The project's train step (BatchNorm in training mode, 1000 classes), lowered for
+    ``state`` and ``batch`` (arrays or their shapes), the state donated."""
+    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
+    return jax.jit(train_step, donate_argnums=0).lower(state, batch)
+
+
 def compile_train_step(name: str, *, batch_size: int, image_size: int, dtype: str = "float32",
                        lowering: str = "auto", remat: bool = False) -> TrainStep:
     """The project's train step (SGD momentum, BatchNorm in training mode) of model ``name``,
@@ -179,13 +199,9 @@ def compile_train_step(name: str, *, batch_size: int, image_size: int, dtype: st
     model = create_model(name, dtype=dtype, pyconv_lowering=lowering, remat=remat)
     images, labels = _inputs(batch_size, image_size)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"][:1])
-    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                    batch_stats=variables["batch_stats"],
-                                    tx=optax.sgd(0.1, momentum=0.9))
-    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
+    state = jax.jit(functools.partial(_initial_state, model, image_size))()
     t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+    compiled = _lowered_train_step(state, batch).compile()
     return TrainStep(model, compiled, state, batch, time.perf_counter() - t0)
 
 
@@ -576,20 +592,12 @@ def train_step_memory(name: str, *, batch_size: int, image_size: int, dtype: str
 
     Compile-only, so it measures batch sizes this machine could not run in reasonable time.
     """
+    _check_dtype(dtype)
     model = create_model(name, dtype=dtype, remat=remat)
-    x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-
-    def init_state():
-        variables = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-        return steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                       batch_stats=variables["batch_stats"],
-                                       tx=optax.sgd(0.1, momentum=0.9))
-
-    state = jax.eval_shape(init_state)
-    train_step = steps.make_train_step(num_classes=1000, schedule=optax.constant_schedule(0.1), seed=0)
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"image": x, "label": y}).compile()
-    return _memory(compiled)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    state = jax.eval_shape(functools.partial(_initial_state, model, image_size))
+    return _memory(_lowered_train_step(state, batch).compile())
 
 
 def write_jpeg_folder(root: str, num_images: int, *, size: tuple[int, int] = (500, 375),

@@ -4,7 +4,8 @@ A checkpoint directory is an orbax ``CheckpointManager`` directory (``<dir>/<ste
 step holds up to three items:
 
 - ``model``: ``{"params": ..., "batch_stats": ...}``, the variables a model needs to run;
-- ``train``: the rest of a training state (optimizer state, step, input position); training only;
+- ``train``: the rest of a training state (optimizer state and step, which also fixes where the
+  input resumes); training only;
 - ``meta``: JSON ``{"model": registry name, "model_kwargs": {...}, "format": 1, ...}``, enough to
   rebuild the model with :func:`pyconv_jax.create_model`.
 
@@ -147,6 +148,12 @@ def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"checkpoint {directory!r} step {step} has no model metadata.")
     return meta
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint directory, or a training workdir that keeps them in ``checkpoints/``."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
 
 
 def build_model(meta: dict[str, Any]):

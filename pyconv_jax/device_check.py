@@ -61,16 +61,6 @@ class Check:
     def ok(self) -> bool:
         return bool(np.isfinite(self.error)) and self.error <= self.tolerance
 
-    def row(self) -> str:
-        yardstick = "" if self.yardstick is None else f"{self.yardstick:.2e}"
-        return (f"| {self.subject} | {self.lowering} | {self.dtype} | {self.precision} | "
-                f"{self.quantity} | {self.error:.2e} | {yardstick} | {self.tolerance:.1e} | "
-                f"{'ok' if self.ok else 'FAIL'} |")
-
-
-HEADER = ("| subject | lowering | dtype | precision | quantity | error | PyTorch's error | "
-          "tolerance | |\n|---|---|---|---|---|---:|---:|---:|---|")
-
 
 def relative_error(ours, ref) -> float:
     """``|ours - ref| / |ref|`` in float64 (L2 norms); NaN or a shape mismatch fails loudly."""

@@ -7,7 +7,6 @@ does), center crop, ImageNet mean/std.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import jax
@@ -21,15 +20,9 @@ from pyconv_jax.train import steps
 from pyconv_jax.train.loop import evaluate, make_mesh
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """Accepts a checkpoint directory or a training workdir (which keeps them in ``checkpoints/``)."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
-
-
 def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None):
     """``(model, variables, meta)`` of the latest checkpoint under ``path``."""
-    meta, variables = ckpt.restore_model_variables(resolve_checkpoint_dir(path), sharding=sharding)
+    meta, variables = ckpt.restore_model_variables(ckpt.resolve_checkpoint_dir(path), sharding=sharding)
     return ckpt.build_model(meta), variables, meta
 
 

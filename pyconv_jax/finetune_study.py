@@ -39,7 +39,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -47,6 +46,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from pyconv_jax import reports
 
 OUTPUT_NAME = "finetune_study"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,18 +329,6 @@ def accuracy_by_group(logits: np.ndarray, labels: np.ndarray, seen: Sequence[int
             "top1_unseen": float(right[~in_seen].mean())}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
-
-
-def _describe_device() -> str:
-    import jax
-
-    dev = jax.devices()[0]
-    return f"{dev.platform}, {os.cpu_count()} host cores, {platform.machine()}"
-
-
 # ----------------------------------------------------------------------------- the study
 def run_study(
     config: FinetuneStudyConfig,
@@ -452,7 +441,7 @@ def run_study(
         mine = [r for r in runs if r["arm"] == arm]
         summary[arm] = {}
         for key in ("top1", "top1_seen", "top1_unseen"):
-            mean, std = _mean_std([r[key] for r in mine])
+            mean, std = reports.mean_std([r[key] for r in mine])
             summary[arm][key] = {"mean": mean, "std": std, "per_seed": [r[key] for r in mine]}
     return {
         "config": dataclasses.asdict(config) | {"target_config": os.path.relpath(
@@ -468,7 +457,7 @@ def run_study(
                           "seen": int(np.isin(test_y, config.source_classes).sum())},
         "runs": runs,
         "summary": summary,
-        "device": _describe_device(),
+        "device": reports.describe_device(),
         "jax_version": jax.__version__,
         "torch_version": __import__("torch").__version__,
         "wall_s": time.perf_counter() - start,
@@ -502,6 +491,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 
 def describe(result: Mapping[str, Any]) -> str:
     """One paragraph: source task, conversion, target budget."""
+    from pyconv_jax.data import digits
+
     c, s, t = result["config"], result["source"], result["target"]
     conv = s["conversion"]["source"]
     return (
@@ -509,16 +500,19 @@ def describe(result: Mapping[str, Any]) -> str:
         + (", every block's last BatchNorm scale zeroed as in the target recipe"
            if c["source_zero_init_residual"] else "") + ") trained "
         f"{c['source_steps']} steps of batch {c['source_batch_size']} on the digits training "
-        f"images of classes {s['classes']} ({s['train_examples']} images, 5-class head), SGD "
+        f"images of classes {s['classes']} ({s['train_examples']} images, "
+        f"{len(s['classes'])}-class head), SGD "
         f"momentum 0.9, lr {c['source_learning_rate']} cosine to 0, weight decay "
         f"{c['source_weight_decay']}: {_pct(s['test_top1'])} on those classes' "
         f"{s['test_examples']} test images. Saved as {{'state_dict': {{'module.' + key: ...}}}}, "
         f"converted with convert_torch_checkpoint ({conv['params']:,} params; JAX vs PyTorch "
         f"logits max |diff| {conv['max_abs_logit_diff']:.1e}). Target: {c['target_config']} "
         f"({t['model']}, batch {t['batch_size']}, SGD lr {t['learning_rate']} per "
-        f"{t['lr_batch_size']}, {t['warmup_epochs']:g} epoch warm-up then cosine, weight decay "
+        f"{t['lr_batch_size']}, {t['warmup_epochs']:g} epoch warm-up then {t['schedule']}, "
+        f"weight decay "
         f"{t['weight_decay']}, label smoothing {t['label_smoothing']}) cut to {c['steps']} steps "
-        f"(about {c['steps'] * t['batch_size'] / 1437:.1f} epochs) on all 10 classes; test top-1 "
+        f"(about {c['steps'] * t['batch_size'] / digits.NUM_TRAIN:.1f} epochs) on all 10 classes; "
+        f"test top-1 "
         f"on the {result['test_examples']['all']} test images. Seeds {list(c['seeds'])} set the "
         f"init of everything not loaded (the 10-class head), dropout and the data order; every "
         f"arm of a seed sees the same batches. {result['device']}."
@@ -530,17 +524,12 @@ def write_outputs(result: Mapping[str, Any], output_dir: str, name: str = OUTPUT
     """Writes ``{name}.md`` (description, table, command) and ``{name}.json`` (everything)."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("md", "json")}
-    text = ["# Fine-tuning from a converted PyTorch checkpoint vs from scratch (digits)", "",
-            describe(result), "", markdown_table(result), ""]
-    if command:
-        text += ["Command:", "", "```", command, "```", ""]
-    text.append(f"Wall time: {result['wall_s']:.0f} s (source training "
-                f"{result['source']['wall_s']:.0f} s; jax {result['jax_version']}, torch "
-                f"{result['torch_version']}).")
-    with open(paths["md"], "w") as f:
-        f.write("\n".join(text) + "\n")
-    with open(paths["json"], "w") as f:
-        json.dump({**result, "command": command}, f, indent=1)
+    lines = ["# Fine-tuning from a converted PyTorch checkpoint vs from scratch (digits)", "",
+             describe(result), "", markdown_table(result), ""]
+    footer = (f"Wall time: {result['wall_s']:.0f} s (source training "
+              f"{result['source']['wall_s']:.0f} s; jax {result['jax_version']}, torch "
+              f"{result['torch_version']}).")
+    reports.write_report(paths, lines, footer, result, command)
     return paths
 
 

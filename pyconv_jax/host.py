@@ -26,6 +26,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from pyconv_jax.native import build  # the standard library only: safe before JAX starts
+
 TUNABLE = "glibc.malloc.hugetlb"
 
 #: Set this environment variable (to anything) to run without the huge-page tunable.
@@ -35,7 +37,7 @@ OPT_OUT = "PYCONV_JAX_NO_HUGE_PAGES"
 BLOCK_CACHE_OPT_OUT = "PYCONV_JAX_NO_BLOCK_CACHE"
 
 #: The block cache library that ``python -m pyconv_jax.native.build`` compiles (``make`` does).
-BLOCK_CACHE = Path(__file__).parent / "native" / "libpyconv_block_cache.so"
+BLOCK_CACHE = build.BLOCK_CACHE
 
 #: The first glibc with the ``glibc.malloc.hugetlb`` tunable.
 MIN_GLIBC = (2, 35)

@@ -68,12 +68,6 @@ def conversion_instructions(name: str, output: str | None = None) -> str:
     )
 
 
-def _resolve(path: str) -> str:
-    """A checkpoint directory, or a training workdir that keeps them in ``checkpoints/``."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
-
-
 def load_pretrained(
     name: str, path: str | None = None, mesh: Mesh | None = None
 ) -> tuple[Any, dict[str, Any]]:
@@ -91,7 +85,8 @@ def load_pretrained(
     there is no checkpoint, ``ValueError`` when it holds a different model.
     """
     get_spec(name)  # unknown names list the registered ones
-    directory = _resolve(os.path.expanduser(path if path is not None else cache_dir(name)))
+    directory = os.path.expanduser(path if path is not None else cache_dir(name))
+    directory = ckpt.resolve_checkpoint_dir(directory)
     if not ckpt.has_checkpoint(directory):
         where = "the cache" if path is None else "the given path"
         raise FileNotFoundError(

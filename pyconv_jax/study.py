@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pyconv_jax.layers.designs import CONV_DESIGNS, get_conv_design
+from pyconv_jax import reports
+from pyconv_jax.layers.designs import get_conv_design
 from pyconv_jax.models.small_convnet import SmallConvNet
 from pyconv_jax.train.steps import TrainState, cross_entropy, eval_step
 
@@ -179,12 +178,6 @@ def _load_eval_batches(config: StudyConfig, split: str) -> list[dict[str, jax.Ar
     return [jax.device_put(b) for b in it]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return float(values.mean()), std
-
-
 def run_study(
     variants: Sequence[Variant],
     config: StudyConfig,
@@ -278,7 +271,7 @@ def run_study(
                 f"{curve[-1]:.4f}, train loss {loss_curve[-1]:.3f}"
             )
         finals = [c[-1] for c in curves]
-        mean, std = _mean_std(finals)
+        mean, std = reports.mean_std(finals)
         row = {
             "label": variant.label,
             "conv": variant.conv,
@@ -304,17 +297,11 @@ def run_study(
                     "train_examples": info.num_examples(config.train_split),
                     "eval_examples": info.num_examples(eval_split)},
         "eval_steps": eval_steps,
-        "device": _describe_device(),
+        "device": reports.describe_device(),
         "jax_version": jax.__version__,
         "wall_s": time.perf_counter() - start,
         "variants": rows,
     }
-
-
-def _describe_device() -> str:
-    dev = jax.devices()[0]
-    kind = "" if dev.device_kind.lower() == dev.platform else f" ({dev.device_kind})"
-    return f"{dev.platform}{kind}, {os.cpu_count()} host cores, {platform.machine()}"
 
 
 def _fmt_count(n: float) -> str:
@@ -423,29 +410,18 @@ def write_outputs(
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("png", "md", "json")}
     plot(result, paths["png"])
-    text = [f"# Kernel-design study ({result['dataset']['name']})", "",
-            f"![validation accuracy against step]({name}.png)", "", describe(result), "",
-            markdown_table(result), ""]
-    if command:
-        text += ["Command:", "", "```", command, "```", ""]
-    text.append(f"Wall time: {result['wall_s']:.0f} s (jax {result['jax_version']}).")
-    with open(paths["md"], "w") as f:
-        f.write("\n".join(text) + "\n")
-    with open(paths["json"], "w") as f:
-        json.dump({**result, "command": command}, f, indent=1)
+    lines = [f"# Kernel-design study ({result['dataset']['name']})", "",
+             f"![validation accuracy against step]({name}.png)", "", describe(result), "",
+             markdown_table(result), ""]
+    reports.write_report(paths, lines, f"Wall time: {result['wall_s']:.0f} s (jax "
+                         f"{result['jax_version']}).", result, command)
     return paths
-
-
-def default_variants() -> list[Variant]:
-    """Every registered design with its default fields."""
-    return [Variant(name) for name in CONV_DESIGNS]
 
 
 __all__ = [
     "StudyConfig",
     "Variant",
     "build_model",
-    "default_variants",
     "describe",
     "make_train_step",
     "markdown_table",

@@ -33,7 +33,8 @@ flags.DEFINE_list("lowerings", ["auto"],
                   "Conv lowerings to measure (auto, grouped, dense, split, onednn).")
 flags.DEFINE_bool("remat", False, "Also measure with block rematerialisation.")
 flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference model, same machine.")
-flags.DEFINE_bool("levels", False, "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16).")
+flags.DEFINE_bool("levels", False,
+                  "Also time single grouped levels (5x5/4, 7x7/8, 9x9/16, 9x9/32) in each lowering.")
 flags.DEFINE_bool("blocks", False, "Also time each distinct residual block alone (train: forward "
                   "and backward; inference) and each stage's pyramid levels alone, beside "
                   "PyTorch's with --compare_torch.")
@@ -133,8 +134,8 @@ def main(argv):
                     name, batch_size=batch, image_size=FLAGS.image_size, dtype=FLAGS.dtype,
                     remat=r) for r in (False, True))
                 memory[f"{name}/{batch}"] = {"plain": plain, "remat": remat}
-                print(f"| {name} | {batch} | {FLAGS.image_size} | {plain / 2**20:.0f} | "
-                      f"{remat / 2**20:.0f} |", flush=True)
+                print(f"| {name} | {batch} | {FLAGS.image_size} | {benchmark.mebibytes(plain)} | "
+                      f"{benchmark.mebibytes(remat)} |", flush=True)
     pipeline = {}
     if FLAGS.input_pipeline:
         with tempfile.TemporaryDirectory() as root:

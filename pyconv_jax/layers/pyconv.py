@@ -130,7 +130,7 @@ class PyConv(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``None`` follows the input.
       param_dtype: storage dtype of the kernels.
       kernel_init: initializer of each level's grouped kernel.
-      lowering: how XLA computes the grouped levels: ``"auto"`` (per backend and level, see
+      lowering: how XLA computes the grouped levels: ``"auto"`` (per backend and dtype, see
         :mod:`pyconv_jax.layers.lowering`), ``"grouped"``, ``"dense"``, ``"split"`` or
         ``"onednn"``. Results are equal up to float rounding.
 

@@ -141,7 +141,8 @@ class ResNet(nn.Module):
       pyconv_lowering: lowering of every spatial conv (``"auto"``, ``"grouped"``, ``"dense"``,
         ``"split"``, ``"onednn"``; :mod:`pyconv_jax.layers.lowering`).
       remat: recompute each block's activations in the backward pass to save memory.
-      bn_momentum / bn_epsilon: BatchNorm settings equal to PyTorch's defaults (0.1, 1e-5).
+      bn_momentum / bn_epsilon: BatchNorm settings equal to PyTorch's defaults (its momentum
+        0.1 is Flax's 0.9: the weight of the running average, not of the new batch; 1e-5).
     """
 
     stage_sizes: Sequence[int]
