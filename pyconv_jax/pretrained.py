@@ -33,7 +33,6 @@ class PretrainedWeights:
     name: str  # registry name
     weights_file: str  # the .pth file linked from the authors' README
     top1: float | None  # published ImageNet top-1 (%), single 224 crop after resize 256
-    sha256: str | None = None  # of the .pth file, once known
 
 
 PRETRAINED: dict[str, PretrainedWeights] = {

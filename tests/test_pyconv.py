@@ -170,6 +170,8 @@ def test_bfloat16_compute_keeps_float32_params():
         (dict(features=66, kernel_sizes=(3, 5, 7), groups=(1, 1, 1)), "cannot be split evenly over 3 levels"),
         (dict(features=64, kernel_sizes=(3,) * 5), "defined for 1 to 4 levels"),
         (dict(features=64, kernel_sizes=(3,), lowering="fast"), "unknown conv lowering 'fast'"),
+        (dict(features=64, kernel_sizes=(3,), strides=0), "strides must be a positive int or pair"),
+        (dict(features=64, kernel_sizes=(3,), strides=(1, 2, 1)), "strides must be a positive int"),
     ],
 )
 def test_invalid_specs_fail_at_construction(kwargs, message):

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from pyconv_jax.layers import lowering as lowering_lib
-from pyconv_jax.layers.pyconv import PyConv, kaiming_normal_fan_out, pyramid_levels
+from pyconv_jax.layers.pyconv import PyConv, kaiming_normal_fan_out, positive_pair, pyramid_levels
 
 Dtype = Any
 Initializer = Any
@@ -58,16 +58,6 @@ Activation = Callable[[jax.Array], jax.Array]
 
 #: PyConv's group count for each kernel size in the paper's first stage (3x3 g1 ... 9x9 g16).
 PYCONV_PAPER_GROUPS = {3: 1, 5: 4, 7: 8, 9: 16}
-
-
-def _pair(value: int | Sequence[int], what: str, design: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        pair = tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{design}: {what} must be a positive int or pair, got {value!r}.")
-    return pair  # type: ignore[return-value]
 
 
 def out_size(size: int, stride: int) -> int:
@@ -194,12 +184,12 @@ class ConvDesign(nn.Module):
             )
         if self.features < 1:
             raise ValueError(f"{name}: features must be >= 1, got {self.features}.")
-        _pair(self.strides, "strides", name)
+        positive_pair(self.strides, "strides", name)
         lowering_lib.check_lowering(self.lowering)
 
     @property
     def stride_pair(self) -> tuple[int, int]:
-        return _pair(self.strides, "strides", type(self).__name__)
+        return positive_pair(self.strides, "strides", type(self).__name__)
 
     def _conv(self, name: str, features: int, kernel_size: tuple[int, int], groups: int = 1,
               strides: tuple[int, int] = (1, 1)) -> Conv2D:

@@ -138,13 +138,9 @@ def grouped_conv(
     padding = ((dilation * (kh - 1) // 2,) * 2, (dilation * (kw - 1) // 2,) * 2)
     if lowering == "onednn":
         check_onednn_backend()
-        if epilogue is not None:
-            return onednn_conv.conv_bias_act(
-                x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,
-                relu=epilogue.relu, strides=tuple(strides), padding=padding,
-                dilation=(dilation, dilation), groups=groups)
-        return onednn_conv.conv(x, kernel, strides=tuple(strides), padding=padding,
-                                dilation=(dilation, dilation), groups=groups)
+        return onednn_conv.conv_with_epilogue(x, kernel, epilogue, strides=tuple(strides),
+                                              padding=padding, dilation=(dilation, dilation),
+                                              groups=groups)
     if lowering == "dense":
         kernel, groups = block_diagonal_kernel(kernel, groups), 1
         if jax.default_backend() == "cpu":

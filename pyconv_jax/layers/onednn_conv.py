@@ -168,6 +168,18 @@ def conv_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                           tuple(dilation), groups)
 
 
+def conv_with_epilogue(x: jax.Array, kernel: jax.Array, epilogue, *, strides: tuple[int, int],
+                       padding: Padding, dilation: tuple[int, int] = (1, 1),
+                       groups: int = 1) -> jax.Array:
+    """:func:`conv`, or with an ``epilogue`` (:class:`pyconv_jax.layers.epilogue.Epilogue`, a
+    folded inference BatchNorm with the shortcut and ReLU after it) :func:`conv_bias_act`."""
+    if epilogue is None:
+        return conv(x, kernel, strides=strides, padding=padding, dilation=dilation, groups=groups)
+    return conv_bias_act(x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,
+                         relu=epilogue.relu, strides=strides, padding=padding, dilation=dilation,
+                         groups=groups)
+
+
 #: Grouped convs with at most this many outputs per group run forward and weight gradient in the
 #: channel-vectorised kernels of ``native/narrow_conv.cc`` (AVX-512; oneDNN elsewhere). oneDNN's
 #: grouped kernels vectorise over a group's outputs and idle most of each vector when there are

@@ -53,11 +53,8 @@ class PointwiseConv(nn.Module):
         strides, padding = (self.strides, self.strides), ((0, 0), (0, 0))
         if lowering_lib.resolve(self.lowering, dtype=dtype) == "onednn":
             lowering_lib.check_onednn_backend()
-            if epilogue is None:
-                return onednn_conv.conv(x, kernel, strides=strides, padding=padding)
-            return onednn_conv.conv_bias_act(
-                x, epilogue.folded(kernel), epilogue.shift, epilogue.residual,
-                relu=epilogue.relu, strides=strides, padding=padding)
+            return onednn_conv.conv_with_epilogue(x, kernel, epilogue, strides=strides,
+                                                  padding=padding)
         if self.strides != 1:
             x = x[:, :: self.strides, :: self.strides, :]
         # One matrix [N*H*W, C]: its weight gradient is then a single 2-D product, which XLA:CPU

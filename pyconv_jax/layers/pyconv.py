@@ -107,12 +107,12 @@ def pyramid_levels(
     return tuple(zip(kernels, groups, features))
 
 
-def _as_pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"PyConv: {what} must be an int or a pair, got {value!r}.")
+def positive_pair(value: int | Sequence[int], what: str, owner: str = "PyConv") -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, e.g. strides) as a pair; raises, naming ``owner`` and
+    ``what``, unless both are positive."""
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{owner}: {what} must be a positive int or pair, got {value!r}.")
     return pair  # type: ignore[return-value]
 
 
@@ -153,7 +153,7 @@ class PyConv(nn.Module):
     def __post_init__(self) -> None:
         # Validate at construction so a bad spec fails in the user's terms, not inside XLA.
         self.level_specs()
-        _as_pair(self.strides, "strides")
+        positive_pair(self.strides, "strides")
         if self.dilation < 1:
             raise ValueError(f"PyConv: dilation must be >= 1, got {self.dilation}.")
         lowering_lib.check_lowering(self.lowering)
@@ -242,7 +242,7 @@ def _conv_level(
     x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
     bias = None if bias is None else jnp.asarray(bias, dtype)
     conv = functools.partial(lowering_lib.grouped_conv, x, kernel, groups=groups,
-                             strides=_as_pair(module.strides, "strides"),
+                             strides=positive_pair(module.strides, "strides"),
                              dilation=module.dilation, lowering=module.lowering)
     if epilogue is not None:
         return conv(epilogue=epilogue.after_bias(bias))
