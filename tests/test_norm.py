@@ -197,3 +197,70 @@ def test_residual_of_another_shape_is_refused():
     x, residual, _ = _inputs()
     with pytest.raises(ValueError, match="residual of shape"):
         Fused(True).init(jax.random.key(0), x, residual[..., :8], True)
+
+
+class FusedPieces(nn.Module):
+    """:class:`Fused` with its input handed over as channel pieces (as a PyConv's levels)."""
+
+    relu: bool
+    widths: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x, residual, train):
+        pieces = jnp.split(x, np.cumsum(self.widths)[:-1].tolist(), axis=-1)
+        return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         relu=self.relu, name="bn")(pieces, residual)
+
+
+def _runs_native_pieces(module, variables, x, residual) -> bool:
+    def loss(x):
+        y, _ = module.apply(variables, x, residual, True, mutable=["batch_stats"])
+        return jnp.sum(y)
+    hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+    return 'custom_call_target="PyconvBatchNormInputGradPieces"' in hlo
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("widths", [(16, 8), (5, 3, 16)])  # vector and scalar channel runs
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_channel_pieces_match_the_concatenated_input(native, widths, with_residual, monkeypatch):
+    """Training on pieces gives the output, statistics and gradients of training on their
+    concatenation; the pieces' gradients are the slices of the concatenation's. Natively (one
+    pass writing every piece, where the library is built) and by XLA (one slice per piece)."""
+    from pyconv_jax.layers import norm
+    if native and not norm._native_pieces(jnp.float32):
+        pytest.skip(f"the native library is unavailable here: {_unavailable_reason()}")
+    monkeypatch.setattr(norm, "_native_pieces", lambda dtype: native)
+    x, residual, cotangent = _inputs()
+    residual = residual if with_residual else None
+    whole, pieces = Fused(True), FusedPieces(True, widths)
+    variables = _variables(whole, x, residual)
+    assert _runs_native_pieces(pieces, variables, x, residual) == native
+    y, stats, grads = _train(pieces, variables, x, residual, cotangent)
+    y_whole, stats_whole, grads_whole = _train(whole, variables, x, residual, cotangent)
+    _assert_close((y, stats, grads), (y_whole, stats_whole, grads_whole), 1e-6)
+
+
+def test_channel_pieces_at_inference_match_the_concatenated_input():
+    x, residual, _ = _inputs()
+    variables = _variables(Fused(True), x, residual)
+    expected = Fused(True).apply(variables, x, residual, False)
+    np.testing.assert_array_equal(FusedPieces(True, (16, 8)).apply(variables, x, residual, False),
+                                  expected)
+
+
+def test_native_pieces_that_do_not_cover_the_channels_are_refused():
+    from pyconv_jax.layers import norm, onednn_conv
+    if not norm._native_pieces(jnp.float32):
+        pytest.skip(f"the native library is unavailable here: {_unavailable_reason()}")
+    x = jnp.ones((2, 3, 3, 24))
+    vectors = [jnp.ones(24)] * 4
+    call = jax.ffi.ffi_call(onednn_conv.TARGETS["batch_norm_input_grad_pieces"],
+                            [jax.ShapeDtypeStruct((2, 3, 3, 16), jnp.float32)] * 2)
+    with pytest.raises(Exception, match="pieces must cover g's channels"):
+        jax.block_until_ready(call(x, x, *vectors))
+
+
+def _unavailable_reason() -> str:
+    from pyconv_jax.layers import onednn_conv
+    return onednn_conv.unavailable_reason() or "more than one device"

@@ -221,3 +221,16 @@ def test_space_to_depth_conv_equals_the_strided_conv(kernel, size):
     for a, b in zip(jax.grad(lambda x, w: jnp.sum(space_to_depth_conv(x, w) * target), (0, 1))(x, w),
                     jax.grad(lambda x, w: jnp.sum(strided(x, w) * target), (0, 1))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels, groups", [((3, 5, 7), (1, 4, 8)), ((3,), (1,))])
+def test_pieces_are_the_levels_outputs(kernels, groups):
+    """``pieces=True`` returns the levels' outputs unconcatenated (one level: a tuple of one),
+    with the same parameters."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 16))
+    layer = PyConv(16, kernels, groups)
+    variables = layer.init(jax.random.key(1), x)
+    pieces = layer.apply(variables, x, pieces=True)
+    widths = [f for _, _, f in layer.level_specs()]
+    assert isinstance(pieces, tuple) and [p.shape[-1] for p in pieces] == widths
+    np.testing.assert_array_equal(jnp.concatenate(pieces, -1), layer.apply(variables, x))

@@ -41,6 +41,7 @@ TARGETS = {
     "narrow_weight_grad": "PyconvNarrowConvWeightGrad",
     "fused_forward": "PyconvOnednnConvForwardFused",
     "materialize": "PyconvMaterialize",
+    "batch_norm_input_grad_pieces": "PyconvBatchNormInputGradPieces",
 }
 
 Padding = tuple[tuple[int, int], tuple[int, int]]

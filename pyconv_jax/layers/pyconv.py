@@ -168,12 +168,19 @@ class PyConv(nn.Module):
         return sum(f for _, _, f in self.level_specs())
 
     @nn.compact
-    def __call__(self, x: jax.Array, epilogue: Epilogue | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, epilogue: Epilogue | None = None, *,
+                 pieces: bool = False) -> jax.Array | tuple[jax.Array, ...]:
         """Applies every level to ``x`` ``[N, H, W, C]`` and concatenates their outputs, each
-        level with its channels of ``epilogue`` (e.g. a folded inference BatchNorm and ReLU)."""
+        level with its channels of ``epilogue`` (e.g. a folded inference BatchNorm and ReLU).
+
+        With ``pieces``, returns the levels' outputs as a tuple instead, unconcatenated: for a
+        :class:`~pyconv_jax.layers.norm.BatchNorm` to take as they are, whose backward pass then
+        writes each level's gradient without slicing a concatenated one.
+        """
         specs = self.level_specs()
         if len(specs) == 1:
-            return _conv_level(self, x, *specs[0], level=1, epilogue=epilogue)
+            y = _conv_level(self, x, *specs[0], level=1, epilogue=epilogue)
+            return (y,) if pieces else y
         starts = [sum(f for _, _, f in specs[:i]) for i in range(len(specs) + 1)]
         outputs = [
             ConvLevel(
@@ -193,7 +200,7 @@ class PyConv(nn.Module):
             )(x, None if epilogue is None else epilogue.channels(starts[i - 1], starts[i]))
             for i, (k, g, f) in enumerate(specs, start=1)
         ]
-        return jnp.concatenate(outputs, axis=-1)
+        return tuple(outputs) if pieces else jnp.concatenate(outputs, axis=-1)
 
 
 class ConvLevel(nn.Module):

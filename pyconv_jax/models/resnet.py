@@ -35,10 +35,12 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 def conv_batch_norm(conv: nn.Module, bn: BatchNorm, x: jax.Array, features: int, fold: bool,
                     residual: jax.Array | None = None) -> jax.Array:
     """``bn(conv(x), residual)`` (``bn`` with its ReLU); with ``fold`` the BatchNorm is folded
-    into the conv and applied in the conv's own output pass instead (inference only)."""
+    into the conv and applied in the conv's own output pass instead (inference only). A PyConv
+    hands its levels' outputs to the BatchNorm unconcatenated, so that the backward pass needs no
+    slicing of their gradient."""
     if fold:
         return conv(x, bn(jax.ShapeDtypeStruct((features,), jnp.float32), residual, fold=True))
-    return bn(conv(x), residual)
+    return bn(conv(x, pieces=True) if isinstance(conv, PyConv) else conv(x), residual)
 
 
 class ResidualBlock(nn.Module):

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("onednn_conv.cc", "narrow_conv.cc", "paired_conv.cc")]
+           for name in ("onednn_conv.cc", "narrow_conv.cc", "paired_conv.cc", "norm_grad.cc")]
 LIBRARY = Path(__file__).with_name("libpyconv_onednn.so")
 BLOCK_CACHE_SOURCE = Path(__file__).with_name("block_cache.c")
 BLOCK_CACHE = Path(__file__).with_name("libpyconv_block_cache.so")
