@@ -23,8 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// dx for channels [c0, c0 + width) of one pixel, into `out`: the scalar terms, in norm.py's
-// order.
+// dx of channel k of one pixel, its terms added in norm.py's order.
 inline float Term(const float* g, const float* x, const float* multiplier, const float* shift,
                   const float* mean, const float* coef, int64_t k) {
   const float scaled = multiplier[k] * g[k];
@@ -33,6 +32,7 @@ inline float Term(const float* g, const float* x, const float* multiplier, const
   return (scaled + shift[k]) + term;
 }
 
+// dx for channels [c0, c0 + width) of one pixel, into `out`.
 void PixelPiece(const float* g, const float* x, const float* multiplier, const float* shift,
                 const float* mean, const float* coef, int64_t c0, int64_t width, float* out) {
   for (int64_t c = 0; c < width; ++c) out[c] = Term(g, x, multiplier, shift, mean, coef, c0 + c);
