@@ -125,6 +125,35 @@ def test_remat_gives_identical_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, pyramids", [("pyconvresnet50", 3 + 4 + 6), ("resnet50", 0)])
+def test_each_pyramid_hands_its_levels_to_the_batch_norm(name, pyramids, monkeypatch):
+    """Every multi-level PyConv's BatchNorm takes the levels' outputs as pieces, so that its
+    backward pass writes their gradients without slicing (one native call each where the library
+    is built; docs/benchmarks.md). Traced, not compiled: the full-size train step's gradient."""
+    from pyconv_jax.layers import norm
+    calls = []
+
+    def record(g, *rest):
+        widths = rest[-1]
+        calls.append(widths)
+        return tuple(jnp.zeros((*g.shape[:-1], width), g.dtype) for width in widths)
+
+    monkeypatch.setattr(norm, "_native_pieces", lambda dtype: True)
+    monkeypatch.setattr(norm, "_input_grad_pieces", record)
+    model = pyconv_jax.create_model(name)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def loss(params, batch_stats, x):
+        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(out)
+
+    jax.eval_shape(jax.grad(loss), variables["params"], variables["batch_stats"], x)
+    assert len(calls) == pyramids
+    assert all(len(widths) > 1 for widths in calls)
+
+
 @pytest.mark.parametrize(
     "name,kwargs,message",
     [
